@@ -1,0 +1,580 @@
+# REBEL on TL;DR summarization: Gao et al., "REBEL: Reinforcement Learning via Regressing Relative Rewards",
+# NeurIPS 2024, Algorithm 1 and Eq. (1), Section 5.1, Appendix H.1. Single file, CleanRL style.
+#   python rebel_tldr.py --tiny                                  # tiny random models, CPU, about a minute
+#   torchrun --nproc_per_node 8 rebel_tldr.py --eta 1.0          # the paper's 2.8B run
+import contextlib
+import copy
+import csv
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from datasets import load_dataset
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (sampling seeds are offset by rank)"""
+    track: bool = False
+    """log to Weights and Biases (the same keys as metrics.jsonl)"""
+    wandb_project: str = "rebel_tldr"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    tiny: bool = False
+    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (once) and train on them, on CPU
+    in about a minute; flags passed explicitly still win over the tiny defaults (see TINY below)"""
+
+    # models and data (App. H.1.1-H.1.2); a hub ID or a local path
+    sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy; pi_0 and the initial pi_t"""
+    reward_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model: a backbone-plus-scalar-head checkpoint or an AutoModelForSequenceClassification one"""
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    """prompts: text columns `query` and `reference_response`, splits train and validation"""
+    trust_remote_code: bool = False
+    """allow models with custom code from the hub"""
+    query_length: int = 512
+    """longest prompt in tokens; longer prompts are dropped, and the count is printed"""
+    response_length: int = 53
+    """tokens sampled per response, exactly (App. H.1.1)"""
+    temperature: float = 0.7
+    """sampling temperature: the released code's 0.7 (App. H.1.5's table says 0.1); log-probs use the same value"""
+    eval_temperature: float = 0.01
+    """near-greedy sampling for evaluation, as in the released code"""
+    penalty_reward_value: float = -1.0
+    """Gamma: the score of a response without EOS within `response_length` tokens (App. H.1.4)"""
+    kl_coef: float = 0.05
+    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22)"""
+
+    # REBEL (Algorithm 1, App. H.1.5)
+    eta: float = 1.0
+    """eta of Eq. (1)"""
+    total_episodes: int = 1_000_000
+    """prompts to train on in total (the released code's value); updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """prompts per update across all ranks; each gets two responses"""
+    num_epochs: int = 4
+    """passes of the regression over each batch"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
+    per_device_train_batch_size: int = 8
+    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch)"""
+    rollout_batch_size: int = 16
+    """prompts per generate call (and per evaluation forward) on one device; both responses come from one call"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0 over the run"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    lora_rank: int = 1024
+    """LoRA rank (paper: 1024 for 1.4B/2.8B); 0 trains all parameters (paper: 6.9B), sharded with FSDP2 under torchrun"""
+    lora_alpha: int = 2048
+    """LoRA alpha"""
+
+    # evaluation and saving
+    eval_every: int = 100
+    """evaluate every this many updates, and always before the first and after the last"""
+    eval_samples: int = 0
+    """validation prompts to evaluate on; 0 for the whole split"""
+    save_every: int = 0
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+
+    # computed at run time
+    world_size: int = 1
+    local_batch_size: int = 0
+    eos_token_id: int = 0
+    pad_token_id: int = 0
+    gradient_accumulation_steps: int = 0
+    num_updates: int = 0
+
+
+# --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
+            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
+            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
+
+
+def write_tiny_assets(args):
+    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
+    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
+    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
+    evaluation gives summaries rather than noise. The reward model's head is scaled so that reference summaries score 0 +- 1."""
+    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+    if os.path.exists("runs/tiny/done"):
+        return
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    words = "cat dog rent job friend move car game date boss school money sister plan".split()
+    for split, n in [("train", 1024), ("validation", 128)]:
+        os.makedirs(args.dataset, exist_ok=True)
+        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+            for _ in range(n):
+                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
+                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
+                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
+                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy = GPTNeoXForCausalLM(config)
+    data = load_prompts(args, tokenizer, "train", 0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(300):  # SFT: next-token loss on the reference summaries
+        batch = data[torch.randint(len(data), (32,)).tolist()]
+        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
+        labels = torch.where(mask.bool(), ids, -100)
+        for row, q in enumerate(batch["query_token"]):
+            labels[row, : len(q)] = -100
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(args.sft_model)
+    tokenizer.save_pretrained(args.sft_model)
+    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
+    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
+    with torch.no_grad():  # normalised like the paper's RMs: reference summaries score mean 0, here with std 1
+        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
+        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
+        rm.scalar_head.weight /= scores.std()
+        rm.bias = (scores.mean() / scores.std()).item()
+    os.makedirs(args.reward_model, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
+    with open(f"{args.reward_model}/config.json", "w") as f:
+        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
+                   "bias": rm.bias}, f, indent=2)
+    tokenizer.save_pretrained(args.reward_model)
+    open("runs/tiny/done", "w").close()
+
+
+class ScalarRewardModel(nn.Module):
+    """RM(x, y): a scalar head on the backbone's last hidden state, minus a constant bias, at every position."""
+
+    def __init__(self, lm_backbone, scalar_head, bias):
+        super().__init__()
+        self.lm_backbone, self.scalar_head, self.bias = lm_backbone, scalar_head, bias
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1).float() - self.bias
+
+
+def load_reward_model(name, dtype, trust_remote_code):
+    path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+        return ScalarRewardModel(model.base_model, model.score, 0.0)
+    # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
+    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]))
+    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1), config["bias"])
+    state = {}
+    for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
+        state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
+    model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def load_prompts(args, tokenizer, split, rank):
+    dataset = load_dataset(args.dataset, split=split)
+    missing = {"query", "reference_response"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
+                         f"found {dataset.column_names}")
+
+    def tokenize(batch):
+        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
+        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
+                "reference_token": [(r if tokenizer.eos_token_id in r else r + [tokenizer.eos_token_id])
+                                    [: args.response_length] for r in references]}
+
+    dataset = dataset.map(tokenize, batched=True)
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.query_length)
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+    return dataset
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def first_eos(responses, eos_id):
+    """Index of each response's first EOS; response_length where there is none."""
+    is_eos = responses == eos_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
+    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    yield
+    for m in fsdp_modules:
+        m.reshard()
+        m.set_reshard_after_forward(True)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call: exactly `response_length` tokens each. EOS is a
+    token like any other here (eos_token_id=None): responses are cut at their first EOS afterwards."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=None, pad_token_id=args.pad_token_id)
+    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+    """ln pi(y_h | x, y_<h) of every response token, from one forward pass at the sampling temperature."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, context_length - 1: -1]
+    logits = logits.float() / temperature
+    tokens = query_responses[:, context_length:, None]
+    return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
+
+
+def rebel_loss(logprobs, old_logprobs, rewards, eta):
+    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
+    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
+    ratios = logprobs - old_logprobs
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+
+
+def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
+    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0),
+    win rate against the human reference by RM score, EOS share, and the sample table. Prompts are split over ranks."""
+    rows, sums = [], torch.zeros(4, device=device)
+    with torch.no_grad(), gathered(policy), autocast:
+        for i in range(0, len(dataset), args.rollout_batch_size):
+            batch = dataset[i: i + args.rollout_batch_size]
+            queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+            context_length = queries.shape[1]
+            query_responses, attention_mask = generate(policy, queries, query_mask, 1, args, args.eval_temperature)
+            responses = query_responses[:, context_length:]
+            eos_index = first_eos(responses, args.eos_token_id)
+            response_mask = torch.arange(args.response_length, device=device) <= eos_index[:, None]
+            logprobs, _ = response_logprobs(policy, query_responses, attention_mask, context_length, args.temperature)
+            with ref_context():
+                ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length,
+                                                    args.temperature)
+            scores = reward_model(query_responses, attention_mask)[:, context_length:].gather(
+                1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+            references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
+            reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
+            reference_scores = reference_scores[range(len(scores)), context_length + reference_mask.sum(1) - 1]
+            scores = torch.where(eos_index < args.response_length, scores, args.penalty_reward_value)
+            kl = ((logprobs - ref_logprobs) * response_mask).sum(1)
+            sums += torch.stack([scores.sum(), kl.sum(), (scores > reference_scores).sum(),
+                                 (eos_index < args.response_length).sum()]).float()
+            responses = [r[:n] for r, n in zip(responses.tolist(), (eos_index + 1).tolist())]
+            rows += [dict(query=q, response=tokenizer.decode(r), reference=tokenizer.decode(ref), score=s,
+                          reference_score=rs)
+                     for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
+                                                 scores.tolist(), reference_scores.tolist())]
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        gathered_rows = [None] * args.world_size
+        dist.all_gather_object(gathered_rows, rows)
+        rows = sum(gathered_rows, [])
+    sums /= len(rows)
+    return dict(zip(["eval/scores", "eval/kl", "eval/win_rate", "eval/eos_share"], sums.tolist())), rows
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+
+    # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, local_rank = 0, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    args.num_updates = args.total_episodes // args.batch_size
+    args.local_batch_size = args.batch_size // args.world_size
+    local_minibatch = args.local_batch_size // args.num_minibatches
+    args.gradient_accumulation_steps = local_minibatch // args.per_device_train_batch_size
+    if args.num_updates < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size \
+            * args.num_minibatches * args.world_size != args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {args.world_size} x "
+                         f"--num_minibatches {args.num_minibatches} x --per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size}, and at most --total_episodes {args.total_episodes}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
+        f"runs/tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if distributed:  # every rank writes into rank 0's folder
+        run_dir = [run_dir]
+        dist.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    run_name = os.path.basename(run_dir)
+    if args.tiny and master:
+        write_tiny_assets(args)
+    if distributed:
+        dist.barrier()
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
+                       save_code=True)
+
+    torch.manual_seed(args.seed + rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    args.eos_token_id = tokenizer.eos_token_id
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lora = args.lora_rank > 0
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if lora else torch.float32,
+                                                  trust_remote_code=args.trust_remote_code).to(device).eval()
+    if lora:  # pi_0 is the same weights with the adapter disabled: no second copy
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0))
+        ref_policy, ref_context = policy, policy.disable_adapter
+    else:
+        ref_policy, ref_context = copy.deepcopy(policy).to(frozen_dtype).requires_grad_(False), contextlib.nullcontext
+    reward_model = load_reward_model(args.reward_model, frozen_dtype, args.trust_remote_code).to(device).eval()
+    reward_model.requires_grad_(False)
+    model = policy  # the unwrapped policy, for generate and the no-grad passes
+    if distributed and lora:
+        policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
+    elif distributed:  # full-parameter: FSDP2 shards each decoder layer, then the rest
+        mp_policy = MixedPrecisionPolicy(param_dtype=frozen_dtype, reduce_dtype=torch.float32)
+        for module in policy.modules():
+            if type(module).__name__ in policy._no_split_modules:
+                fully_shard(module, mp_policy=mp_policy)
+        fully_shard(policy, mp_policy=mp_policy)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+
+    train_data = load_prompts(args, tokenizer, "train", rank)
+    eval_data = load_prompts(args, tokenizer, "validation", rank)
+    num_eval = (args.eval_samples or len(eval_data)) // args.world_size * args.world_size
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    if usable == 0:
+        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
+
+    start_update = 0
+    if args.resume_from:
+        model_state = load_file(f"{args.resume_from}/model.safetensors")
+        optimizer_state = torch.load(f"{args.resume_from}/optimizer.pt", weights_only=True)
+        set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+        rng = torch.load(f"{args.resume_from}/rng_{rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        shuffle_generator.set_state(rng["shuffle"])
+        if "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+        with open(f"{args.resume_from}/state.json") as f:
+            start_update = json.load(f)["update"]
+        if master:  # forget what the interrupted run logged after its checkpoint
+            with open(f"{run_dir}/metrics.jsonl") as f:
+                kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            with open(f"{run_dir}/metrics.jsonl", "w") as f:
+                f.writelines(kept)
+
+    def log(metrics, rows=None):
+        if not master:
+            return
+        with open(f"{run_dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if rows:
+            with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        if args.track:
+            table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
+            wandb.log({**metrics, **table}, step=metrics["update"])
+
+    if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
+        eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args, device,
+                                      autocast)
+        log({"update": 0, "episode": 0, **eval_metrics}, rows)
+
+    start_time = time.time()
+    progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
+    for update in progress:
+        optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
+        episode = update * args.batch_size
+        # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
+        start = (update - 1) * args.batch_size % usable
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+        batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
+        queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+        context_length = queries.shape[1]
+
+        # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x): both responses of a pair from one generate call;
+        #    rows 2i and 2i+1 are the pair of prompt i. Then log-probs under pi_t and pi_0, and RM scores.
+        rollout_start = time.time()
+        query_responses, attention_masks, logprobs, ref_logprobs, scores = [], [], [], [], []
+        with torch.no_grad(), gathered(model), autocast:
+            for i in range(0, args.local_batch_size, args.rollout_batch_size):
+                query_response, attention_mask = generate(model, queries[i: i + args.rollout_batch_size],
+                                                          query_mask[i: i + args.rollout_batch_size], 2, args,
+                                                          args.temperature)
+                logprob, _ = response_logprobs(model, query_response, attention_mask, context_length,
+                                               args.temperature)
+                with ref_context():
+                    ref_logprob, _ = response_logprobs(ref_policy, query_response, attention_mask, context_length,
+                                                       args.temperature)
+                score = reward_model(query_response, attention_mask)[:, context_length:]
+                query_responses.append(query_response), attention_masks.append(attention_mask)
+                logprobs.append(logprob), ref_logprobs.append(ref_logprob), scores.append(score)
+        query_responses, attention_masks = torch.cat(query_responses), torch.cat(attention_masks)
+        logprobs, ref_logprobs, scores = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(scores)
+
+        # 2. Truncate after the first EOS (later tokens are masked out, and replaced by padding for readability);
+        #    the RM score is read at the EOS. No EOS within response_length: the score is Gamma (App. H.1.4).
+        responses = query_responses[:, context_length:]
+        eos_index = first_eos(responses, args.eos_token_id)
+        response_mask = torch.arange(args.response_length, device=device) <= eos_index[:, None]
+        responses.masked_fill_(~response_mask, args.pad_token_id)
+        contains_eos = eos_index < args.response_length
+        scores = scores.gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+        scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+        # 3. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22), sequence log-probs up to the EOS
+        logprobs, ref_logprobs = (logprobs * response_mask).sum(1), (ref_logprobs * response_mask).sum(1)
+        kl = logprobs - ref_logprobs
+        rewards = scores - args.kl_coef * kl
+        rollout_time = time.time() - rollout_start
+
+        # 4. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
+        update_start = time.time()
+        stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        for epoch in range(args.num_epochs):
+            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    start = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    pairs = permutation[start: start + args.per_device_train_batch_size]
+                    rows = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    last = micro == args.gradient_accumulation_steps - 1
+                    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
+                        policy.set_requires_gradient_sync(last)
+                    else:  # DDP, likewise (a harmless attribute on an unwrapped model)
+                        policy.require_backward_grad_sync = last
+                    with autocast:
+                        new_logprobs, logits = response_logprobs(policy, query_responses[rows], attention_masks[rows],
+                                                                 context_length, args.temperature)
+                    new_logprobs = (new_logprobs * response_mask[rows]).sum(1)
+                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
+                                      args.eta)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        probs = logits.softmax(-1)
+                        entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
+                        entropy = (entropy * response_mask[rows]).sum() / response_mask[rows].sum()
+                        approxkl = 0.5 * (new_logprobs - logprobs[rows]).pow(2).mean()
+                        stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
+                    del logits, probs
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # 5. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
+        means = torch.stack([scores.mean(), kl.mean(), rewards.mean(), contains_eos.float().mean(), *stats.mean((1, 2, 3)),
+                             stats[0, 0].mean(), stats[0, -1].mean()])
+        if distributed:
+            dist.all_reduce(means)
+        means = (means / args.world_size).tolist()
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        metrics = {"update": update, "episode": episode, **dict(zip(
+            ["objective/scores", "objective/kl", "objective/rewards", "objective/eos_share", "rebel/loss",
+             "rebel/approxkl", "policy/entropy", "rebel/loss_first_epoch", "rebel/loss_last_epoch"], means)),
+            "lr": optimizer.param_groups[0]["lr"], "time/rollout_s": rollout_time, "time/update_s": update_time,
+            "eps": (episode - start_update * args.batch_size) / (time.time() - start_time), "memory/peak_gb": peak_gb}
+        progress.set_postfix(score=f"{means[0]:.3f}", kl=f"{means[1]:.3f}", eos=f"{means[3]:.2f}")
+        rows = None
+        if update % args.eval_every == 0 or update == args.num_updates:
+            eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                          device, autocast)
+            metrics.update(eval_metrics)
+        log(metrics, rows)
+
+        if args.save_every and update % args.save_every == 0:
+            model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+            checkpoint = f"{run_dir}/checkpoint"
+            if master:  # written beside the last checkpoint, then swapped in: a crash leaves one whole checkpoint
+                shutil.rmtree(f"{checkpoint}.tmp", ignore_errors=True)
+                os.makedirs(f"{checkpoint}.tmp")
+                save_file({k: v.contiguous() for k, v in model_state.items()}, f"{checkpoint}.tmp/model.safetensors")
+                torch.save(optimizer_state, f"{checkpoint}.tmp/optimizer.pt")
+            if distributed:
+                dist.barrier()
+            rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state()
+            torch.save(rng, f"{checkpoint}.tmp/rng_{rank}.pt")
+            if distributed:
+                dist.barrier()
+            if master:
+                with open(f"{checkpoint}.tmp/state.json", "w") as f:
+                    json.dump({"update": update, "args": {k: v for k, v in asdict(args).items()}}, f)
+                shutil.rmtree(checkpoint, ignore_errors=True)
+                os.rename(f"{checkpoint}.tmp", checkpoint)
+
+    # the trained policy in Hugging Face format (LoRA merged), loadable with AutoModelForCausalLM.from_pretrained
+    if lora:
+        final, model_state = model.merge_and_unload(), None
+    else:  # gathered from the shards; written through the frozen copy, a plain module of the policy's class
+        final = ref_policy
+        model_state = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    if master:
+        final.save_pretrained(f"{run_dir}/model", state_dict=model_state)
+        tokenizer.save_pretrained(f"{run_dir}/model")
+        summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
+        print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
+        if args.track:
+            wandb.finish()
+    if distributed:
+        dist.destroy_process_group()

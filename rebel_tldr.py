@@ -269,12 +269,74 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
     return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
 
 
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples, temperature,
+                     args):
+    """Responses from one generate call, cut after their first EOS (later tokens become padding and are masked out),
+    with their sequence log-probs under pi (at the training temperature) and pi_0 up to the EOS, and the RM score
+    read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
+    context_length = queries.shape[1]
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, temperature)
+    responses = query_responses[:, context_length:]
+    eos_index = first_eos(responses, args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=responses.device) <= eos_index[:, None]
+    responses.masked_fill_(~response_mask, args.pad_token_id)
+    logprobs, _ = response_logprobs(model, query_responses, attention_mask, context_length, args.temperature)
+    with ref_context():
+        ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length,
+                                            args.temperature)
+    scores = reward_model(query_responses, attention_mask)[:, context_length:]
+    scores = scores.gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    contains_eos = eos_index < args.response_length
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    return (query_responses, attention_mask, response_mask, contains_eos, (logprobs * response_mask).sum(1),
+            (ref_logprobs * response_mask).sum(1), scores)
+
+
 def rebel_loss(logprobs, old_logprobs, rewards, eta):
     """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
       ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
     Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
     ratios = logprobs - old_logprobs
     return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
+    """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
+    learning rate and the data position follow. Written beside the last checkpoint, then swapped in: a crash while
+    saving leaves the previous checkpoint whole."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(f"{path}.tmp/state.json", "w") as f:
+            json.dump({"update": update}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    set_state_dict(policy, optimizer, model_state_dict=load_file(f"{path}/model.safetensors"),
+                   optim_state_dict=torch.load(f"{path}/optimizer.pt", weights_only=True),
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(f"{path}/state.json") as f:
+        return json.load(f)["update"]
 
 
 def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
@@ -285,25 +347,15 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
         for i in range(0, len(dataset), args.rollout_batch_size):
             batch = dataset[i: i + args.rollout_batch_size]
             queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
-            context_length = queries.shape[1]
-            query_responses, attention_mask = generate(policy, queries, query_mask, 1, args, args.eval_temperature)
-            responses = query_responses[:, context_length:]
-            eos_index = first_eos(responses, args.eos_token_id)
-            response_mask = torch.arange(args.response_length, device=device) <= eos_index[:, None]
-            logprobs, _ = response_logprobs(policy, query_responses, attention_mask, context_length, args.temperature)
-            with ref_context():
-                ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length,
-                                                    args.temperature)
-            scores = reward_model(query_responses, attention_mask)[:, context_length:].gather(
-                1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+            query_responses, _, response_mask, contains_eos, logprobs, ref_logprobs, scores = sample_and_score(
+                policy, ref_policy, ref_context, reward_model, queries, query_mask, 1, args.eval_temperature, args)
             references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
-            reference_scores = reference_scores[range(len(scores)), context_length + reference_mask.sum(1) - 1]
-            scores = torch.where(eos_index < args.response_length, scores, args.penalty_reward_value)
-            kl = ((logprobs - ref_logprobs) * response_mask).sum(1)
-            sums += torch.stack([scores.sum(), kl.sum(), (scores > reference_scores).sum(),
-                                 (eos_index < args.response_length).sum()]).float()
-            responses = [r[:n] for r, n in zip(responses.tolist(), (eos_index + 1).tolist())]
+            reference_scores = reference_scores[range(len(scores)), queries.shape[1] + reference_mask.sum(1) - 1]
+            sums += torch.stack([scores.sum(), (logprobs - ref_logprobs).sum(), (scores > reference_scores).sum(),
+                                 contains_eos.sum()]).float()
+            responses = [r[:n] for r, n in zip(query_responses[:, queries.shape[1]:].tolist(),
+                                               response_mask.sum(1).tolist())]
             rows += [dict(query=q, response=tokenizer.decode(r), reference=tokenizer.decode(ref), score=s,
                           reference_score=rs)
                      for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
@@ -402,17 +454,7 @@ if __name__ == "__main__":
 
     start_update = 0
     if args.resume_from:
-        model_state = load_file(f"{args.resume_from}/model.safetensors")
-        optimizer_state = torch.load(f"{args.resume_from}/optimizer.pt", weights_only=True)
-        set_state_dict(policy, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                       options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
-        rng = torch.load(f"{args.resume_from}/rng_{rank}.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        shuffle_generator.set_state(rng["shuffle"])
-        if "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-        with open(f"{args.resume_from}/state.json") as f:
-            start_update = json.load(f)["update"]
+        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
         if master:  # forget what the interrupted run logged after its checkpoint
             with open(f"{run_dir}/metrics.jsonl") as f:
                 kept = [line for line in f if json.loads(line)["update"] <= start_update]
@@ -451,42 +493,22 @@ if __name__ == "__main__":
         queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
         context_length = queries.shape[1]
 
-        # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x): both responses of a pair from one generate call;
-        #    rows 2i and 2i+1 are the pair of prompt i. Then log-probs under pi_t and pi_0, and RM scores.
+        # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5; mu = pi_t as in Section 5): both
+        #    responses of a pair come from one generate call, rows 2i and 2i+1 of every tensor below.
         rollout_start = time.time()
-        query_responses, attention_masks, logprobs, ref_logprobs, scores = [], [], [], [], []
         with torch.no_grad(), gathered(model), autocast:
-            for i in range(0, args.local_batch_size, args.rollout_batch_size):
-                query_response, attention_mask = generate(model, queries[i: i + args.rollout_batch_size],
-                                                          query_mask[i: i + args.rollout_batch_size], 2, args,
-                                                          args.temperature)
-                logprob, _ = response_logprobs(model, query_response, attention_mask, context_length,
-                                               args.temperature)
-                with ref_context():
-                    ref_logprob, _ = response_logprobs(ref_policy, query_response, attention_mask, context_length,
-                                                       args.temperature)
-                score = reward_model(query_response, attention_mask)[:, context_length:]
-                query_responses.append(query_response), attention_masks.append(attention_mask)
-                logprobs.append(logprob), ref_logprobs.append(ref_logprob), scores.append(score)
-        query_responses, attention_masks = torch.cat(query_responses), torch.cat(attention_masks)
-        logprobs, ref_logprobs, scores = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(scores)
-
-        # 2. Truncate after the first EOS (later tokens are masked out, and replaced by padding for readability);
-        #    the RM score is read at the EOS. No EOS within response_length: the score is Gamma (App. H.1.4).
-        responses = query_responses[:, context_length:]
-        eos_index = first_eos(responses, args.eos_token_id)
-        response_mask = torch.arange(args.response_length, device=device) <= eos_index[:, None]
-        responses.masked_fill_(~response_mask, args.pad_token_id)
-        contains_eos = eos_index < args.response_length
-        scores = scores.gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
-        scores = torch.where(contains_eos, scores, args.penalty_reward_value)
-        # 3. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22), sequence log-probs up to the EOS
-        logprobs, ref_logprobs = (logprobs * response_mask).sum(1), (ref_logprobs * response_mask).sum(1)
+            chunks = [sample_and_score(model, ref_policy, ref_context, reward_model,
+                                       queries[i: i + args.rollout_batch_size], query_mask[i: i + args.rollout_batch_size],
+                                       2, args.temperature, args)
+                      for i in range(0, args.local_batch_size, args.rollout_batch_size)]
+        query_responses, attention_masks, response_masks, contains_eos, logprobs, ref_logprobs, scores = map(
+            torch.cat, zip(*chunks))
+        # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22), with Gamma for no EOS in RM(x, y)
         kl = logprobs - ref_logprobs
         rewards = scores - args.kl_coef * kl
         rollout_time = time.time() - rollout_start
 
-        # 4. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
+        # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
         stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
         for epoch in range(args.num_epochs):
@@ -504,14 +526,14 @@ if __name__ == "__main__":
                     with autocast:
                         new_logprobs, logits = response_logprobs(policy, query_responses[rows], attention_masks[rows],
                                                                  context_length, args.temperature)
-                    new_logprobs = (new_logprobs * response_mask[rows]).sum(1)
+                    new_logprobs = (new_logprobs * response_masks[rows]).sum(1)
                     loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
                                       args.eta)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         probs = logits.softmax(-1)
                         entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
-                        entropy = (entropy * response_mask[rows]).sum() / response_mask[rows].sum()
+                        entropy = (entropy * response_masks[rows]).sum() / response_masks[rows].sum()
                         approxkl = 0.5 * (new_logprobs - logprobs[rows]).pow(2).mean()
                         stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
                     del logits, probs
@@ -519,7 +541,7 @@ if __name__ == "__main__":
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
-        # 5. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
+        # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
         means = torch.stack([scores.mean(), kl.mean(), rewards.mean(), contains_eos.float().mean(), *stats.mean((1, 2, 3)),
                              stats[0, 0].mean(), stats[0, -1].mean()])
         if distributed:
@@ -541,27 +563,7 @@ if __name__ == "__main__":
         log(metrics, rows)
 
         if args.save_every and update % args.save_every == 0:
-            model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-            checkpoint = f"{run_dir}/checkpoint"
-            if master:  # written beside the last checkpoint, then swapped in: a crash leaves one whole checkpoint
-                shutil.rmtree(f"{checkpoint}.tmp", ignore_errors=True)
-                os.makedirs(f"{checkpoint}.tmp")
-                save_file({k: v.contiguous() for k, v in model_state.items()}, f"{checkpoint}.tmp/model.safetensors")
-                torch.save(optimizer_state, f"{checkpoint}.tmp/optimizer.pt")
-            if distributed:
-                dist.barrier()
-            rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
-            torch.save(rng, f"{checkpoint}.tmp/rng_{rank}.pt")
-            if distributed:
-                dist.barrier()
-            if master:
-                with open(f"{checkpoint}.tmp/state.json", "w") as f:
-                    json.dump({"update": update, "args": {k: v for k, v in asdict(args).items()}}, f)
-                shutil.rmtree(checkpoint, ignore_errors=True)
-                os.rename(f"{checkpoint}.tmp", checkpoint)
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
 
     # the trained policy in Hugging Face format (LoRA merged), loadable with AutoModelForCausalLM.from_pretrained
     if lora:

@@ -106,11 +106,17 @@ class Args:
 
     # computed at run time
     world_size: int = 1
+    """number of processes (computed at run time)"""
     local_batch_size: int = 0
-    eos_token_id: int = 0
-    pad_token_id: int = 0
+    """prompts per update on one rank (computed at run time)"""
     gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step (computed at run time)"""
     num_updates: int = 0
+    """iterations t of Algorithm 1 (computed at run time)"""
+    eos_token_id: int = 0
+    """the tokenizer's EOS, which ends a response (computed at run time)"""
+    pad_token_id: int = 0
+    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
 
 
 # --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
@@ -408,6 +414,9 @@ if __name__ == "__main__":
         write_tiny_assets(args)
     if distributed:
         dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    args.eos_token_id = tokenizer.eos_token_id
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if master:
         os.makedirs(run_dir, exist_ok=True)
         print(json.dumps(asdict(args), indent=1))
@@ -420,9 +429,6 @@ if __name__ == "__main__":
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
 
     # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off
-    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
-    args.eos_token_id = tokenizer.eos_token_id
-    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     lora = args.lora_rank > 0
     policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if lora else torch.float32,
                                                   trust_remote_code=args.trust_remote_code).to(device).eval()

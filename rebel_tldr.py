@@ -362,7 +362,8 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
                                  contains_eos.sum()]).float()
             responses = [r[:n] for r, n in zip(query_responses[:, queries.shape[1]:].tolist(),
                                                response_mask.sum(1).tolist())]
-            rows += [dict(query=q, response=tokenizer.decode(r), reference=tokenizer.decode(ref), score=s,
+            rows += [dict(query=q, response=tokenizer.decode(r, skip_special_tokens=True),
+                          reference=tokenizer.decode(ref, skip_special_tokens=True), score=s,
                           reference_score=rs)
                      for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
                                                  scores.tolist(), reference_scores.tolist())]
@@ -452,7 +453,7 @@ if __name__ == "__main__":
 
     train_data = load_prompts(args, tokenizer, "train", rank)
     eval_data = load_prompts(args, tokenizer, "validation", rank)
-    num_eval = (args.eval_samples or len(eval_data)) // args.world_size * args.world_size
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
     eval_data = eval_data.select(range(rank, num_eval, args.world_size))
     usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
     if usable == 0:

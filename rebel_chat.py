@@ -1,0 +1,722 @@
+# REBEL for general chat: Gao et al., "REBEL: Reinforcement Learning via Regressing Relative Rewards", NeurIPS 2024,
+# Algorithm 1 and Eq. (1), Section 5.2 (Table 2), Section 5.2.1 (Table 3), Appendix H.2. Single file, CleanRL style;
+# the skeleton is rebel_tldr.py, and `diff rebel_tldr.py rebel_chat.py` shows what chat needs.
+#   python rebel_chat.py --tiny                                  # tiny random models, CPU, about a minute
+#   torchrun --nproc_per_node 8 rebel_chat.py ...                # the paper's runs: see the README's command lines
+import contextlib
+import copy
+import csv
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from datasets import load_dataset
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (sampling seeds are offset by rank)"""
+    track: bool = False
+    """log to Weights and Biases (the same keys as metrics.jsonl)"""
+    wandb_project: str = "rebel_chat"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    tiny: bool = False
+    """write tiny random-weight models and a synthetic chat-prompt dataset to runs/tiny_chat/ (once) and train on them,
+    on CPU in about a minute; flags passed explicitly still win over the tiny defaults (see TINY below)"""
+
+    # models and data (Section 5.2, App. H.2.1-H.2.2); a hub ID or a local path
+    sft_model: str = "openchat/openchat_3.5"
+    """the chat policy; pi_0 and the initial pi_t. Its chat template formats the prompts"""
+    reward_model: str = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
+    """an AutoModelForSequenceClassification RM with its own tokenizer and chat template. The paper's
+    Starling-RM-7B-alpha is a raw state dict for a custom head, not supported: this Llama-3 RM stands in (ArmoRM:
+    --trust_remote_code)"""
+    dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
+    """prompts: a text column `prompt`, one user turn (UltraFeedback) or a 'Human: ... Assistant:' chat (Nectar)"""
+    train_split: str = "train_prefs"
+    """the split to train on (slices work: Nectar has only train, so `train[:-1000]`)"""
+    eval_split: str = "test_prefs"
+    """the held-out split to evaluate on (e.g. `train[-1000:]` for Nectar)"""
+    trust_remote_code: bool = False
+    """allow models with custom code from the hub (ArmoRM-Llama3-8B-v0.1 needs it)"""
+    max_prompt_length: int = 1024
+    """longest chat-formatted prompt in policy tokens; longer prompts are dropped and counted (2.3% in App. H.2.2)"""
+    max_new_tokens: int = 1024
+    """longest response; generation stops earlier at the policy's end-of-turn token(s) (Table 5)"""
+    num_samples: int = 2
+    """N responses per prompt from pi_t; N = 2 gives the pair, N > 2 pairs the best with the worst (Section 5.2.1)"""
+    temperature: float = 0.7
+    """sampling temperature, no top-p or top-k, so that the log-probs (at the same temperature) are the sampler's"""
+    eval_temperature: float = 0.01
+    """near-greedy sampling for evaluation"""
+    penalty_reward_value: float = -4.0
+    """Gamma: the score of a response without end-of-turn within `max_new_tokens` (App. H.2.3)"""
+    kl_coef: float = 0.05
+    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); 0.05 in Section 5.2, 0 in Section 5.2.1"""
+
+    # REBEL (Algorithm 1, App. H.2.4)
+    eta: tuple[float, ...] = (1.0,)
+    """eta of Eq. (1): one value, or one per iteration (Section 5.2.1: 1e6 1e4 1e2)"""
+    num_iterations: int = 0
+    """iterations t of Algorithm 1, each on a fresh batch of prompts; 0 for one pass over the train split"""
+    batch_size: int = 32
+    """prompts per iteration across all ranks, |D_t|; 0 for the whole train split (Section 5.2.1)"""
+    num_epochs: int = 4
+    """passes of the regression over each batch (4 in Section 5.2, 1 in Section 5.2.1)"""
+    minibatch_size: int = 0
+    """pairs per optimizer step across all ranks; 0 for the whole batch (Section 5.2), 128 in Section 5.2.1"""
+    per_device_train_batch_size: int = 2
+    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch)"""
+    rollout_batch_size: int = 4
+    """prompts per generate call (and per evaluation forward) on one device; all N responses come from one call"""
+    lr: float = 1e-7
+    """AdamW learning rate"""
+    lr_schedule: Literal["linear", "cosine"] = "linear"
+    """linear: decay to 0 over the run (Section 5.2); cosine: after a warmup, restarted per iteration (Section 5.2.1)"""
+    warmup_ratio: float = 0.0
+    """share of each iteration's optimizer steps spent warming up (cosine only; 0.1 in Section 5.2.1)"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    num_layers_unfrozen: int = 4
+    """train only the last K decoder layers (and the head), with a shared-bottom reference (App. H.2.2: 4 for OpenChat);
+    0 trains all parameters (Llama-3-8B), sharded with FSDP2 under torchrun"""
+
+    # evaluation and saving
+    eval_every: int = 100
+    """evaluate every this many iterations, and always before the first and after the last"""
+    eval_samples: int = 0
+    """held-out prompts to evaluate on; 0 for the whole split"""
+    save_every: int = 0
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many iterations; 0 for never"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+
+    # computed at run time
+    world_size: int = 1
+    """number of processes (computed at run time)"""
+    local_batch_size: int = 0
+    """prompts per iteration on one rank (computed at run time)"""
+    num_minibatches: int = 0
+    """optimizer steps per epoch (computed at run time)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step (computed at run time)"""
+    num_updates: int = 0
+    """iterations t of Algorithm 1 (computed at run time)"""
+    eos_token_ids: tuple[int, ...] = ()
+    """the end-of-turn tokens that end a response: the tokenizer's EOS and the model's (computed at run time)"""
+    pad_token_id: int = 0
+    """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
+    run time)"""
+
+
+# --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
+TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
+            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
+            rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
+# the tiny models' chat templates: byte-level tokenizers, each with its own format and end-of-turn marker
+TINY_POLICY_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+TINY_RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def write_tiny_assets(args):
+    """A tiny Llama chat policy and a tiny Llama reward model, with byte-level tokenizers of different sizes and
+    different chat templates, and a synthetic prompt dataset in UltraFeedback's format (a few prompts too long, to be
+    dropped). The policy is fine-tuned for a few seconds on the synthetic `chosen` answers (the paper starts from chat
+    models too), so that it answers with a few words and ends its turn; the RM's head is normalised so that those
+    answers score mean 0, std 1."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    if os.path.exists("runs/tiny_chat/done"):
+        return
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer, rm_tokenizer = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=0)
+    tokenizer.chat_template, rm_tokenizer.chat_template = TINY_POLICY_TEMPLATE, TINY_RM_TEMPLATE
+    words = "cat dog rent job friend move car game date boss school money sister plan".split()
+    os.makedirs(f"{args.dataset}/data", exist_ok=True)
+    for split, n in [("train_prefs", 1024), ("test_prefs", 128)]:
+        with open(f"{args.dataset}/data/{split}-00000-of-00001.jsonl", "w") as f:
+            for i in range(n):
+                topic = " ".join(g.choice(words) for _ in range(g.randint(1, 3) if i % 50 else 20))
+                prompt = f"{g.choice(['Tell me about', 'What of', 'Why'])} {topic}?"
+                answers = [" ".join(g.choice(words) for _ in range(g.randint(1, 3))) for _ in range(2)]
+                f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
+                    k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
+                    for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy = LlamaForCausalLM(config)
+    chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
+    queries = [tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
+    queries = tokenizer(queries, add_special_tokens=False).input_ids
+    answers = tokenizer([c[1]["content"] + tokenizer.eos_token for c in chats], add_special_tokens=False).input_ids
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(100):  # SFT: next-token loss on the answers
+        rows = torch.randint(len(chats), (32,)).tolist()
+        ids, mask, context_length, _ = pack([queries[i] for i in rows], [answers[i] for i in rows], 0, "cpu")
+        labels = torch.where(mask.bool(), ids, -100)
+        labels[:, :context_length] = -100  # the loss on the answers only
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(args.sft_model)
+    tokenizer.save_pretrained(args.sft_model)
+    rm_config = LlamaConfig(vocab_size=len(rm_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256, num_labels=1,
+                            pad_token_id=rm_tokenizer.pad_token_id)
+    rm = LlamaForSequenceClassification(rm_config).eval()
+    with torch.no_grad():  # normalised like the paper's RMs: the SFT answers score mean 0 (the head has no bias: its
+        # weight is made orthogonal to their mean last hidden state), here with std 1
+        texts = [rm_tokenizer.apply_chat_template(c, tokenize=False) for c in chats[:256]]
+        ids, mask = pad(rm_tokenizer(texts, add_special_tokens=False).input_ids, 0, "cpu", left=False)
+        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state[range(len(ids)), mask.sum(1) - 1]
+        mean = hidden.mean(0)
+        rm.score.weight -= (rm.score.weight @ mean) / (mean @ mean) * mean
+        rm.score.weight /= (hidden @ rm.score.weight[0]).std()
+    rm.save_pretrained(args.reward_model)
+    rm_tokenizer.save_pretrained(args.reward_model)
+    open("runs/tiny_chat/done", "w").close()
+
+
+class ChatRewardModel(nn.Module):
+    """RM(x, y) of conversations [prompt turns..., assistant response], each rendered as text with the RM's own chat
+    template and tokenized with the RM's own tokenizer: the policy's template and vocabulary may differ (Section 5.2
+    pairs OpenChat-3.5 with a Llama-2-based RM), so token ids are never spliced across tokenizers. A built-in sequence
+    classifier is run in batches with its linear `score` head read at each conversation's last token (no pad-token
+    convention needed); a custom-code RM (ArmoRM's output has a `score` field) is called one conversation at a time."""
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer
+        self.per_token = type(model).__module__.startswith("transformers.") and \
+            isinstance(getattr(model, "score", None), nn.Linear)
+
+    def forward(self, conversations):
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        ids = self.tokenizer(texts, add_special_tokens=False).input_ids  # the template writes BOS where it wants one
+        device = next(self.model.parameters()).device
+        if self.per_token:
+            input_ids, attention_mask = pad(ids, 0, device, left=False)
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.model.score(hidden[torch.arange(len(ids)), attention_mask.sum(1) - 1])[:, 0].float()
+        scores = []
+        for i in ids:
+            output = self.model(input_ids=torch.tensor([i], device=device))
+            scores.append((output.score if hasattr(output, "score") else output.logits[:, 0]).float().item())
+        return torch.tensor(scores, device=device)
+
+
+def load_reward_model(name, dtype, trust_remote_code):
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    return ChatRewardModel(model, tokenizer)
+
+
+class SharedBottomReference(nn.Module):
+    """pi_0 when only the top K of L decoder layers are trained (App. H.2.2): the embeddings and the bottom L-K layers
+    stay frozen, so pi_0's hidden state entering layer L-K is the policy's own. Only a frozen copy of the top K layers,
+    the final norm and the head is kept, no second full model, and it runs on that hidden state, which a hook saves on
+    every policy forward: call it right after the policy's forward on the same batch. Llama-family layout
+    (`model.layers`, `model.norm`, `lm_head`: Llama, Mistral/OpenChat, Qwen2)."""
+
+    def __init__(self, policy, num_layers_unfrozen, dtype):
+        super().__init__()
+        config = copy.deepcopy(policy.config)
+        config.num_hidden_layers = num_layers_unfrozen
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[-num_layers_unfrozen:]
+        with torch.device("meta"):
+            self.top = type(policy)(config)
+        self.top.model.embed_tokens = None  # the input is a hidden state, not tokens
+        self.top.model.layers = copy.deepcopy(policy.model.layers[-num_layers_unfrozen:]).to(dtype)
+        self.top.model.norm = copy.deepcopy(policy.model.norm).to(dtype)
+        self.top.model.rotary_emb = copy.deepcopy(policy.model.rotary_emb)
+        self.top.lm_head = copy.deepcopy(policy.lm_head).to(dtype)
+        self.requires_grad_(False).eval()
+        self.hidden = None
+        policy.model.layers[-num_layers_unfrozen].register_forward_pre_hook(self.save_hidden)
+
+    def save_hidden(self, module, args):
+        self.hidden = args[0].detach()
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+        assert self.hidden.shape[:2] == input_ids.shape, "run the policy on the same batch first"
+        return self.top(inputs_embeds=self.hidden, attention_mask=attention_mask, position_ids=position_ids,
+                        use_cache=use_cache)
+
+
+def to_messages(prompt):
+    """UltraFeedback's `prompt` is one user turn; Nectar's an Anthropic-HH transcript '\n\nHuman: ...\n\nAssistant:'."""
+    if "\n\nHuman:" not in prompt:
+        return [{"role": "user", "content": prompt}]
+    parts = re.split(r"\n\n(Human|Assistant): ?", prompt)[1:]
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2])]
+    return messages[:-1] if messages[-1] == {"role": "assistant", "content": ""} else messages
+
+
+def load_prompts(args, tokenizer, split, rank):
+    dataset = load_dataset(args.dataset, split=split)
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column 'prompt'; found {dataset.column_names}")
+
+    def tokenize(batch):  # the policy's chat template, ending with the assistant's turn header
+        text = [tokenizer.apply_chat_template(to_messages(p), tokenize=False, add_generation_prompt=True)
+                for p in batch["prompt"]]
+        return {"query_token": tokenizer(text, add_special_tokens=False).input_ids}
+
+    dataset = dataset.map(tokenize, batched=True, remove_columns=[c for c in dataset.column_names if c != "prompt"])
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.max_prompt_length)
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --max_prompt_length "
+              f"{args.max_prompt_length}")
+    return dataset
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def pack(queries, responses, pad_id, device):
+    """Left-padded prompts followed by right-padded responses (the layout generate() makes): ids, attention mask,
+    the prompts' width and the responses' mask."""
+    queries, query_mask = pad(queries, pad_id, device)
+    responses, response_mask = pad(responses, pad_id, device, left=False)
+    query_responses, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    return query_responses, attention_mask, queries.shape[1], response_mask
+
+
+def first_eos(responses, eos_ids):
+    """Index of each response's first end-of-turn token; the response length where there is none."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1]), is_eos.any(-1)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
+    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    yield
+    for m in fsdp_modules:
+        m.reshard()
+        m.set_reshard_after_forward(True)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call with the KV cache, each stopping at its first end-of-turn
+    token (later positions hold padding). Under torchrun every rank steps until all are done (synced_gpus): FSDP2's
+    all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=list(args.eos_token_ids), pad_token_id=args.pad_token_id,
+                                     synced_gpus=dist.is_initialized())
+    return query_responses[:, queries.shape[1]:]
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+    """ln pi(y_h | x, y_<h) of every response token, from one forward pass at the sampling temperature. Positions count
+    real tokens only, as in generate(), so that the padding of a batch does not change the result."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits[:, context_length - 1: -1]
+    logits = logits.float() / temperature
+    tokens = query_responses[:, context_length:, None]
+    return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
+
+
+def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device, times):
+    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn,
+    sequence log-probs under pi_t and pi_0 (one forward each; the shared-bottom pi_0 reuses the policy's pass), and RM
+    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3). Adds to `times`."""
+    start = time.time()
+    queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+    responses = generate(model, queries, query_mask, num_samples, args, temperature)
+    eos_index, contains_eos = first_eos(responses, args.eos_token_ids)
+    lengths = torch.where(contains_eos, eos_index + 1, responses.shape[1]).tolist()
+    responses = [r[:n] for r, n in zip(responses.tolist(), lengths)]
+    queries = [q for q in batch["query_token"] for _ in range(num_samples)]
+    times["generate"] += time.time() - start
+    times["tokens"] += sum(lengths)
+
+    start = time.time()
+    query_responses, attention_mask, context_length, response_mask = pack(queries, responses, args.pad_token_id, device)
+    logprobs, _ = response_logprobs(model, query_responses, attention_mask, context_length, args.temperature)
+    ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length, args.temperature)
+    logprobs, ref_logprobs = (logprobs * response_mask).sum(1), (ref_logprobs * response_mask).sum(1)
+    times["logprobs"] += time.time() - start
+
+    start = time.time()
+    texts = [tokenizer.decode(r[: n - 1] if eos else r, skip_special_tokens=True)
+             for r, n, eos in zip(responses, lengths, contains_eos.tolist())]
+    prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
+    scores = reward_model([to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)])
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    times["reward"] += time.time() - start
+    return dict(queries=queries, responses=responses, prompts=prompts, texts=texts, logprobs=logprobs,
+                ref_logprobs=ref_logprobs, scores=scores, contains_eos=contains_eos,
+                lengths=torch.tensor(lengths, device=device, dtype=torch.float))
+
+
+def rebel_loss(logprobs, old_logprobs, rewards, eta):
+    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
+    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
+    ratios = logprobs - old_logprobs
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+
+
+def learning_rate(args, update, step):
+    """The lr of optimizer step `step` (from 0) of iteration `update` (from 1): linear decay to 0 over the run
+    (App. H.2.4, OpenChat), or cosine decay after a linear warmup within each iteration (App. H.2.4, Llama-3: each of
+    the 3 iterations is one epoch over the whole dataset, a fresh regression problem as in Algorithm 1)."""
+    steps = args.num_epochs * args.num_minibatches
+    if args.lr_schedule == "linear":
+        return args.lr * (1.0 - ((update - 1) * steps + step) / (args.num_updates * steps))
+    warmup = math.ceil(args.warmup_ratio * steps)
+    if step < warmup:
+        return args.lr * (step + 1) / (warmup + 1)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
+    """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
+    learning rate and the data position follow. Written beside the last checkpoint, then swapped in: a crash while
+    saving leaves the previous checkpoint whole."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(f"{path}.tmp/state.json", "w") as f:
+            json.dump({"update": update}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    set_state_dict(policy, optimizer, model_state_dict=load_file(f"{path}/model.safetensors"),
+                   optim_state_dict=torch.load(f"{path}/optimizer.pt", weights_only=True),
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(f"{path}/state.json") as f:
+        return json.load(f)["update"]
+
+
+def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device, autocast):
+    """Near-greedy answers to the held-out prompts: RM score (Gamma without end-of-turn, as in training),
+    KL(pi || pi_0), end-of-turn share, response length, and the sample table. Prompts are split over ranks."""
+    rows, sums = [], torch.zeros(4, device=device)
+    times = dict(generate=0.0, logprobs=0.0, reward=0.0, tokens=0)
+    with torch.no_grad(), gathered(policy), autocast:
+        for i in range(0, len(dataset), args.rollout_batch_size):
+            out = sample_and_score(policy, ref_policy, reward_model, tokenizer, dataset[i: i + args.rollout_batch_size],
+                                   1, args.eval_temperature, args, device, times)
+            sums += torch.stack([out["scores"].sum(), (out["logprobs"] - out["ref_logprobs"]).sum(),
+                                 out["contains_eos"].sum(), out["lengths"].sum()]).float()
+            rows += [dict(prompt=p, response=t, score=s) for p, t, s in zip(out["prompts"], out["texts"],
+                                                                           out["scores"].tolist())]
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        gathered_rows = [None] * args.world_size
+        dist.all_gather_object(gathered_rows, rows)
+        rows = sum(gathered_rows, [])
+    sums /= len(rows)
+    return dict(zip(["eval/scores", "eval/kl", "eval/eos_share", "eval/response_length"], sums.tolist())), rows
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+
+    # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, local_rank = 0, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
+        f"runs/chat__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if distributed:  # every rank writes into rank 0's folder
+        run_dir = [run_dir]
+        dist.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    run_name = os.path.basename(run_dir)
+    if args.tiny and master:
+        write_tiny_assets(args)
+    if distributed:
+        dist.barrier()
+
+    # prompts, formatted with the policy's chat template; the batch sizes follow from the train split's size
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_data = load_prompts(args, tokenizer, args.train_split, rank)
+    eval_data = load_prompts(args, tokenizer, args.eval_split, rank)
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    if args.batch_size == 0:  # Section 5.2.1: the whole dataset, in whole minibatches
+        unit = args.minibatch_size or args.world_size * args.per_device_train_batch_size
+        args.batch_size = len(train_data) // unit * unit
+    args.minibatch_size = args.minibatch_size or args.batch_size
+    args.num_minibatches = args.batch_size // args.minibatch_size
+    args.local_batch_size = args.batch_size // args.world_size
+    args.gradient_accumulation_steps = args.minibatch_size // args.world_size // args.per_device_train_batch_size
+    if args.batch_size < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size * args.world_size \
+            * args.num_minibatches != args.batch_size or args.batch_size > len(train_data):
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of --minibatch_size "
+                         f"{args.minibatch_size}, itself a multiple of world size {args.world_size} x "
+                         f"--per_device_train_batch_size {args.per_device_train_batch_size}, and at most the "
+                         f"{len(train_data)} train prompts")
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    args.num_updates = args.num_iterations or usable // args.batch_size
+    if len(args.eta) not in (1, args.num_updates):
+        raise ValueError(f"--eta takes one value or one per iteration ({args.num_updates}), got {len(args.eta)}")
+
+    torch.manual_seed(args.seed + rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off
+    frozen = args.num_layers_unfrozen > 0
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if frozen else torch.float32,
+                                                  trust_remote_code=args.trust_remote_code).to(device).eval()
+    eos = policy.generation_config.eos_token_id  # the chat model's end-of-turn token(s), e.g. Llama-3's <|eot_id|>
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    args.eos_token_ids = tuple(sorted({tokenizer.eos_token_id, *eos}))
+    if frozen:  # App. H.2.2: train the last K decoder layers, the final norm and an untied head, in float32
+        policy.requires_grad_(False)
+        head = [policy.lm_head] if policy.lm_head.weight is not policy.get_input_embeddings().weight else []
+        for module in [*policy.model.layers[-args.num_layers_unfrozen:], policy.model.norm, *head]:
+            module.float().requires_grad_(True)
+        ref_policy = SharedBottomReference(policy, args.num_layers_unfrozen, frozen_dtype)
+    else:
+        ref_policy = copy.deepcopy(policy).to(frozen_dtype).requires_grad_(False)
+    reward_model = load_reward_model(args.reward_model, frozen_dtype, args.trust_remote_code).to(device).eval()
+    reward_model.requires_grad_(False)
+    if master:  # the run's arguments, complete once the end-of-turn tokens are known
+        os.makedirs(run_dir, exist_ok=True)
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
+                       save_code=True)
+
+    model = policy  # the unwrapped policy, for generate and the no-grad passes
+    if distributed and frozen:
+        policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
+    elif distributed:  # full-parameter: FSDP2 shards each decoder layer, then the rest
+        mp_policy = MixedPrecisionPolicy(param_dtype=frozen_dtype, reduce_dtype=torch.float32)
+        for module in policy.modules():
+            if type(module).__name__ in policy._no_split_modules:
+                fully_shard(module, mp_policy=mp_policy)
+        fully_shard(policy, mp_policy=mp_policy)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+
+    start_update = 0
+    if args.resume_from:
+        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
+        if master:  # forget what the interrupted run logged after its checkpoint
+            with open(f"{run_dir}/metrics.jsonl") as f:
+                kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            with open(f"{run_dir}/metrics.jsonl", "w") as f:
+                f.writelines(kept)
+
+    def log(metrics, rows=None):
+        if not master:
+            return
+        with open(f"{run_dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if rows:
+            with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            with open(f"{run_dir}/alpaca_eval_update{metrics['update']}.json", "w") as f:  # AlpacaEval's model_outputs
+                json.dump([dict(instruction=r["prompt"], output=r["response"], generator=run_name) for r in rows], f,
+                          indent=1)
+        if args.track:
+            table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
+            wandb.log({**metrics, **table}, step=metrics["update"])
+
+    if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
+        eval_metrics, rows = evaluate(model, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
+        log({"update": 0, "episode": 0, **eval_metrics}, rows)
+
+    start_time = time.time()
+    progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="iterations")
+    for update in progress:
+        eta = args.eta[update - 1] if len(args.eta) > 1 else args.eta[0]
+        episode = update * args.batch_size
+        # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
+        start = (update - 1) * args.batch_size % usable
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+        batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
+
+        # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5): N responses per prompt from one
+        #    generate call, with their log-probs under pi_t and pi_0 and their RM scores (Gamma without end-of-turn)
+        rollout_start = time.time()
+        times = dict(generate=0.0, logprobs=0.0, reward=0.0, tokens=0)
+        queries, responses, logprobs, rewards, sums = [], [], [], [], torch.zeros(5, device=device)
+        with torch.no_grad(), gathered(model), autocast:
+            for i in range(0, args.local_batch_size, args.rollout_batch_size):
+                chunk = {k: v[i: i + args.rollout_batch_size] for k, v in batch.items()}
+                out = sample_and_score(model, ref_policy, reward_model, tokenizer, chunk, args.num_samples,
+                                       args.temperature, args, device, times)
+                # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and the pair: with N = 2 the
+                #    two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1). Only the pairs are
+                #    kept, rows 2i and 2i+1 below.
+                kl = out["logprobs"] - out["ref_logprobs"]
+                reward = (out["scores"] - args.kl_coef * kl).view(-1, args.num_samples)
+                pair = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if args.num_samples > 2 else \
+                    torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
+                rows = (pair + args.num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
+                queries += [out["queries"][r] for r in rows.tolist()[::2]]
+                responses += [out["responses"][r] for r in rows.tolist()]
+                logprobs.append(out["logprobs"][rows]), rewards.append(reward.flatten()[rows])
+                sums += torch.stack([out["scores"].sum(), kl.sum(), reward.sum(), out["contains_eos"].sum(),
+                                     out["lengths"].sum()]).float()
+        logprobs, rewards = torch.cat(logprobs), torch.cat(rewards)
+        rollout_time = time.time() - rollout_start
+
+        # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
+        update_start = time.time()
+        stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        for epoch in range(args.num_epochs):
+            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
+            for minibatch in range(args.num_minibatches):
+                optimizer.param_groups[0]["lr"] = learning_rate(args, update, epoch * args.num_minibatches + minibatch)
+                for micro in range(args.gradient_accumulation_steps):
+                    start = minibatch * args.local_batch_size // args.num_minibatches \
+                        + micro * args.per_device_train_batch_size
+                    pairs = permutation[start: start + args.per_device_train_batch_size]
+                    rows = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    last = micro == args.gradient_accumulation_steps - 1
+                    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
+                        policy.set_requires_gradient_sync(last)
+                    else:  # DDP, likewise (a harmless attribute on an unwrapped model)
+                        policy.require_backward_grad_sync = last
+                    query_responses, attention_mask, context_length, response_mask = pack(
+                        [queries[p] for p in pairs.tolist() for _ in range(2)], [responses[r] for r in rows.tolist()],
+                        args.pad_token_id, device)
+                    with autocast:
+                        new_logprobs, logits = response_logprobs(policy, query_responses, attention_mask,
+                                                                 context_length, args.temperature)
+                    new_logprobs = (new_logprobs * response_mask).sum(1)
+                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
+                                      eta)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        probs = logits.softmax(-1)
+                        entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
+                        entropy = (entropy * response_mask).sum() / response_mask.sum()
+                        approxkl = 0.5 * (new_logprobs - logprobs[rows]).pow(2).mean()
+                        stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
+                    del logits, probs
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # 4. Log (means over ranks; one synchronisation per iteration), evaluate, checkpoint
+        gaps = rewards[0::2] - rewards[1::2]  # tied pairs are kept: their term pulls the two log-ratios together
+        means = torch.stack([*(sums / (args.local_batch_size * args.num_samples)), (gaps == 0).float().mean(),
+                             gaps.abs().mean(), *stats.mean((1, 2, 3)), stats[0, 0].mean(), stats[0, -1].mean(),
+                             torch.tensor(times["tokens"] / times["generate"], device=device)])
+        if distributed:
+            dist.all_reduce(means)
+        means = (means / args.world_size).tolist()
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        metrics = {"update": update, "episode": episode, **dict(zip(
+            ["objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
+             "objective/response_length", "objective/tied_share", "objective/reward_gap", "rebel/loss",
+             "rebel/approxkl", "policy/entropy", "rebel/loss_first_epoch", "rebel/loss_last_epoch",
+             "perf/tokens_per_s"], means)),
+            "lr": optimizer.param_groups[0]["lr"], "eta": eta, "time/rollout_s": rollout_time,
+            "time/generate_s": times["generate"], "time/logprobs_s": times["logprobs"],
+            "time/reward_s": times["reward"], "time/update_s": update_time,
+            "eps": (episode - start_update * args.batch_size) / (time.time() - start_time),
+            "memory/peak_gb": peak_gb}
+        progress.set_postfix(score=f"{means[0]:.3f}", kl=f"{means[1]:.3f}", eos=f"{means[3]:.2f}")
+        rows = None
+        if update % args.eval_every == 0 or update == args.num_updates:
+            eval_metrics, rows = evaluate(model, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
+            metrics.update(eval_metrics)
+        log(metrics, rows)
+
+        if args.save_every and update % args.save_every == 0:
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
+
+    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained
+    if frozen:  # every rank holds the whole model (DDP replicates it)
+        final, model_state = model, None
+    else:  # gathered from the shards; written through the frozen copy, a plain module of the policy's class
+        final = ref_policy
+        model_state = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    if master:
+        final.save_pretrained(f"{run_dir}/model", state_dict=model_state)
+        tokenizer.save_pretrained(f"{run_dir}/model")
+        summary = {k: v for k, v in metrics.items()
+                   if k.startswith(("eval/", "objective/", "time/", "memory/", "perf/"))}
+        print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
+        if args.track:
+            wandb.finish()
+    if distributed:
+        dist.destroy_process_group()

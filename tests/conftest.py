@@ -1,6 +1,37 @@
+import glob
+import json
 import os
+import subprocess
+import sys
+
+import pytest
 
 # no hub access in tests: a hub name fails at once instead of stalling; wandb never goes online
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    """One folder for the TL;DR scripts' runs, so that their shared tiny models and data (runs/tiny) are written once."""
+    return tmp_path_factory.mktemp("runs")
+
+
+def run_script(script, workdir, *flags, torchrun=False, check=True, env=None):
+    """`python SCRIPT --tiny FLAGS` in `workdir`, or under torchrun with 2 CPU processes; checks that it exits 0."""
+    launcher = ["torchrun", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
+    proc = subprocess.run(launcher + [f"{ROOT}/{script}", "--tiny", *flags], cwd=workdir, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_metrics(workdir, run_prefix):
+    """The one run folder runs/{run_prefix}__* and the lines of its metrics.jsonl."""
+    (run_dir,) = glob.glob(f"{workdir}/runs/{run_prefix}__*")
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        return run_dir, [json.loads(line) for line in f]

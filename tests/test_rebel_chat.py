@@ -5,16 +5,13 @@ torchrun with DDP and FSDP2) that learn, save, reload and resume."""
 import glob
 import json
 import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import rebel_chat  # noqa: E402
+import rebel_chat
+from conftest import read_metrics, run_script
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline; one thread
 # per process: tiny models gain nothing from more, and on a shared CPU spinning threads cost several times the run time
@@ -141,19 +138,12 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def run(workdir, *flags, torchrun=False, check=True):
-    launcher = ["torchrun", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    proc = subprocess.run(launcher + [f"{ROOT}/rebel_chat.py", "--tiny", *flags], cwd=workdir, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(workdir, *flags, **kwargs):
+    return run_script("rebel_chat.py", workdir, *flags, env=ENV, **kwargs)
 
 
 def metrics_of(workdir, exp_name):
-    (run_dir,) = glob.glob(f"{workdir}/runs/chat__{exp_name}__*")
-    with open(f"{run_dir}/metrics.jsonl") as f:
-        return run_dir, [json.loads(line) for line in f]
+    return read_metrics(workdir, f"chat__{exp_name}")
 
 
 @pytest.fixture(scope="session")

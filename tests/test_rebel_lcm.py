@@ -6,15 +6,12 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import rebel_lcm  # noqa: E402
+import rebel_lcm
+from conftest import read_metrics, run_script
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline
 
@@ -140,18 +137,12 @@ def test_aesthetic_head_loads_a_state_dict_and_rejects_pickled_code(workdir, tmp
         rebel_lcm.load_aesthetic_scorer(args, torch.float32)
 
 
-def run(workdir, *flags, torchrun=False):
-    launcher = ["torchrun", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    proc = subprocess.run(launcher + [f"{ROOT}/rebel_lcm.py", "--tiny", *flags], cwd=workdir, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(workdir, *flags, **kwargs):
+    return run_script("rebel_lcm.py", workdir, *flags, env=ENV, **kwargs)
 
 
 def metrics_of(workdir, exp_name):
-    (run_dir,) = glob.glob(f"{workdir}/runs/lcm__{exp_name}__*")
-    with open(f"{run_dir}/metrics.jsonl") as f:
-        return run_dir, [json.loads(line) for line in f]
+    return read_metrics(workdir, f"lcm__{exp_name}")
 
 
 def test_tiny_run_raises_the_aesthetic_score_and_saves(workdir):

@@ -11,11 +11,8 @@ import time
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import rebel_tldr  # noqa: E402
-
-ENV = dict(os.environ)  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline
+import rebel_tldr
+from conftest import ROOT, read_metrics, run_script
 
 
 def test_exact_rebel_is_mirror_descent():
@@ -58,25 +55,13 @@ def test_loss_is_eq1_times_eta_squared():
     assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand))
 
 
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-    """One folder for all runs, so that the tiny models and data are written once."""
-    return tmp_path_factory.mktemp("runs")
 
-
-def run(workdir, *flags, torchrun=False, check=True):
-    launcher = ["torchrun", "--standalone", "--nproc_per_node", "2"] if torchrun else [sys.executable]
-    proc = subprocess.run(launcher + [f"{ROOT}/rebel_tldr.py", "--tiny", *flags], cwd=workdir, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def run(workdir, *flags, **kwargs):
+    return run_script("rebel_tldr.py", workdir, *flags, **kwargs)
 
 
 def metrics_of(workdir, exp_name):
-    (run_dir,) = glob.glob(f"{workdir}/runs/tldr__{exp_name}__*")
-    with open(f"{run_dir}/metrics.jsonl") as f:
-        return run_dir, [json.loads(line) for line in f]
+    return read_metrics(workdir, f"tldr__{exp_name}")
 
 
 def test_tiny_run_learns_and_saves(workdir):
@@ -117,7 +102,7 @@ def test_resume_gives_the_same_metrics(workdir):
     run(workdir, "--exp_name", "straight", *flags)
     # the same run, killed once its update-2 checkpoint exists, then resumed from it
     proc = subprocess.Popen([sys.executable, f"{ROOT}/rebel_tldr.py", "--tiny", "--exp_name", "killed",
-                             "--save_every", "2", *flags], cwd=workdir, env=ENV, stdout=subprocess.DEVNULL,
+                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not glob.glob(f"{workdir}/runs/tldr__killed__*/checkpoint/state.json") and time.time() < deadline:

@@ -1,0 +1,664 @@
+# PPO on TL;DR summarization, the baseline of REBEL (Gao et al., NeurIPS 2024), Section 5.1, Table 1, Fig. 2 and
+# Appendix H.1.3-H.1.5, as in summarize_from_feedback_details' ppo.py (Huang et al., 2024). A copy of rebel_tldr.py in
+# which only the algorithm differs: `diff rebel_tldr.py ppo_tldr.py`.
+#   python ppo_tldr.py --tiny                                    # tiny random models, CPU, about a minute
+#   torchrun --nproc_per_node 8 ppo_tldr.py                      # the paper's 2.8B run
+import contextlib
+import copy
+import csv
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import tyro
+from datasets import load_dataset
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (sampling seeds are offset by rank)"""
+    track: bool = False
+    """log to Weights and Biases (the same keys as metrics.jsonl)"""
+    wandb_project: str = "rebel_tldr"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    tiny: bool = False
+    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (once) and train on them, on CPU
+    in about a minute; flags passed explicitly still win over the tiny defaults (see TINY below)"""
+
+    # models and data (App. H.1.1-H.1.2); a hub ID or a local path
+    sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy; pi_0 and the initial pi_t"""
+    reward_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model: a backbone-plus-scalar-head checkpoint or an AutoModelForSequenceClassification one"""
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    """prompts: text columns `query` and `reference_response`, splits train and validation"""
+    trust_remote_code: bool = False
+    """allow models with custom code from the hub"""
+    query_length: int = 512
+    """longest prompt in tokens; longer prompts are dropped, and the count is printed"""
+    response_length: int = 53
+    """tokens sampled per response, exactly (App. H.1.1)"""
+    temperature: float = 0.7
+    """sampling temperature: the released code's 0.7 (App. H.1.5's table says 0.1); log-probs use the same value"""
+    eval_temperature: float = 0.01
+    """near-greedy sampling for evaluation, as in the released code"""
+    penalty_reward_value: float = -1.0
+    """Gamma: the score of a response without EOS within `response_length` tokens (App. H.1.4)"""
+    kl_coef: float = 0.05
+    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22)"""
+
+    # PPO (Schulman et al., 2017; App. H.1.5)
+    gamma: float = 1.0
+    """discount factor of GAE"""
+    lam: float = 0.95
+    """lambda of GAE"""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy objective"""
+    cliprange_value: float = 0.2
+    """how far a value prediction may move from the rollout's value before its loss is clipped"""
+    vf_coef: float = 0.1
+    """weight of the value loss in the loss"""
+    total_episodes: int = 1_000_000
+    """prompts to train on in total (the released code's value); updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """prompts per update across all ranks; each gets one response"""
+    num_epochs: int = 4
+    """PPO epochs over each batch"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
+    per_device_train_batch_size: int = 8
+    """responses per forward/backward on one device (gradient accumulation makes up the minibatch)"""
+    rollout_batch_size: int = 16
+    """prompts per generate call (and per evaluation forward) on one device"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0 over the run"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    lora_rank: int = 1024
+    """LoRA rank of the policy and of the value network (paper: 1024 for 1.4B/2.8B); 0 trains all parameters of both
+    (paper: 6.9B), sharded with FSDP2 under torchrun"""
+    lora_alpha: int = 2048
+    """LoRA alpha"""
+
+    # evaluation and saving
+    eval_every: int = 100
+    """evaluate every this many updates, and always before the first and after the last"""
+    eval_samples: int = 0
+    """validation prompts to evaluate on; 0 for the whole split"""
+    save_every: int = 0
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+
+    # computed at run time
+    world_size: int = 1
+    """number of processes (computed at run time)"""
+    local_batch_size: int = 0
+    """prompts per update on one rank (computed at run time)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step (computed at run time)"""
+    num_updates: int = 0
+    """iterations t of Algorithm 1 (computed at run time)"""
+    eos_token_id: int = 0
+    """the tokenizer's EOS, which ends a response (computed at run time)"""
+    pad_token_id: int = 0
+    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
+
+
+# --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
+            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
+            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
+TINY.update(total_episodes=10 * 32, lr=6e-3, eval_every=5)  # PPO updates two networks: fewer, larger steps
+
+
+def write_tiny_assets(args):
+    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
+    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
+    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
+    evaluation gives summaries rather than noise. The reward model's head is scaled so that reference summaries score 0 +- 1."""
+    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+    if os.path.exists("runs/tiny/done"):
+        return
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    words = "cat dog rent job friend move car game date boss school money sister plan".split()
+    for split, n in [("train", 1024), ("validation", 128)]:
+        os.makedirs(args.dataset, exist_ok=True)
+        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+            for _ in range(n):
+                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
+                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
+                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
+                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy = GPTNeoXForCausalLM(config)
+    data = load_prompts(args, tokenizer, "train", 0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(300):  # SFT: next-token loss on the reference summaries
+        batch = data[torch.randint(len(data), (32,)).tolist()]
+        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
+        labels = torch.where(mask.bool(), ids, -100)
+        for row, q in enumerate(batch["query_token"]):
+            labels[row, : len(q)] = -100
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(args.sft_model)
+    tokenizer.save_pretrained(args.sft_model)
+    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
+    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
+    with torch.no_grad():  # normalised like the paper's RMs: reference summaries score mean 0, here with std 1
+        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
+        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
+        rm.scalar_head.weight /= scores.std()
+        rm.bias = (scores.mean() / scores.std()).item()
+    os.makedirs(args.reward_model, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
+    with open(f"{args.reward_model}/config.json", "w") as f:
+        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
+                   "bias": rm.bias}, f, indent=2)
+    tokenizer.save_pretrained(args.reward_model)
+    open("runs/tiny/done", "w").close()
+
+
+class ScalarRewardModel(nn.Module):
+    """RM(x, y): a scalar head on the backbone's last hidden state, minus a constant bias, at every position."""
+
+    def __init__(self, lm_backbone, scalar_head, bias):
+        super().__init__()
+        self.lm_backbone, self.scalar_head, self.bias = lm_backbone, scalar_head, bias
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1).float() - self.bias
+
+
+def load_reward_model(name, dtype, trust_remote_code):
+    path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+        return ScalarRewardModel(model.base_model, model.score, 0.0)
+    # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
+    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]))
+    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1), config["bias"])
+    state = {}
+    for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
+        state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
+    model.load_state_dict(state)
+    return model.to(dtype)
+
+
+def load_prompts(args, tokenizer, split, rank):
+    dataset = load_dataset(args.dataset, split=split)
+    missing = {"query", "reference_response"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
+                         f"found {dataset.column_names}")
+
+    def tokenize(batch):
+        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
+        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
+                "reference_token": [(r if tokenizer.eos_token_id in r else r + [tokenizer.eos_token_id])
+                                    [: args.response_length] for r in references]}
+
+    dataset = dataset.map(tokenize, batched=True)
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.query_length)
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+    return dataset
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def first_eos(responses, eos_id):
+    """Index of each response's first EOS; response_length where there is none."""
+    is_eos = responses == eos_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
+    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    yield
+    for m in fsdp_modules:
+        m.reshard()
+        m.set_reshard_after_forward(True)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call: exactly `response_length` tokens each. EOS is a
+    token like any other here (eos_token_id=None): responses are cut at their first EOS afterwards."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=None, pad_token_id=args.pad_token_id)
+    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
+    """ln pi(y_h | x, y_<h) of every response token, from one forward pass at the sampling temperature."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, context_length - 1: -1]
+    logits = logits.float() / temperature
+    tokens = query_responses[:, context_length:, None]
+    return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
+
+
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples, temperature,
+                     args):
+    """Responses from one generate call, cut after their first EOS (later tokens become padding and are masked out),
+    with their per-token log-probs under pi (at the training temperature) and pi_0 up to the EOS (0 after it), and the
+    RM score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
+    context_length = queries.shape[1]
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, temperature)
+    responses = query_responses[:, context_length:]
+    eos_index = first_eos(responses, args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=responses.device) <= eos_index[:, None]
+    responses.masked_fill_(~response_mask, args.pad_token_id)
+    logprobs, _ = response_logprobs(model, query_responses, attention_mask, context_length, args.temperature)
+    with ref_context():
+        ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length,
+                                            args.temperature)
+    scores = reward_model(query_responses, attention_mask)[:, context_length:]
+    scores = scores.gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    contains_eos = eos_index < args.response_length
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    return (query_responses, attention_mask, response_mask, contains_eos, logprobs * response_mask,
+            ref_logprobs * response_mask, scores)
+
+
+class PolicyAndValue(nn.Module):
+    """The policy and the value network as one module, so that DDP, the optimizer and the checkpoint see one model."""
+
+    def __init__(self, policy, critic):
+        super().__init__()
+        self.policy, self.critic = policy, critic
+
+    def forward(self, input_ids, attention_mask):
+        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits, self.critic(input_ids, attention_mask)
+
+
+def masked_mean(values, mask):
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_whiten(values, mask):
+    """(A - mean) / std over the response tokens of the batch; 0 after the EOS."""
+    mean = masked_mean(values, mask)
+    return (values - mean) * torch.rsqrt(masked_mean((values - mean) ** 2, mask) + 1e-8) * mask
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation over the response tokens (Schulman et al., 2016):
+      delta_h = r_h + gamma V(s_h+1) - V(s_h),   A_h = sum_l (gamma lam)^l delta_h+l,   returns = A_h + V(s_h)
+    The episode ends at the EOS: rewards, values and advantages are 0 after it, so V(s_after EOS) = 0."""
+    rewards, values = rewards * mask, values * mask
+    advantages, last = torch.zeros_like(rewards), 0.0
+    for h in reversed(range(rewards.shape[1])):
+        next_values = values[:, h + 1] if h + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, h] + gamma * next_values - values[:, h] + gamma * lam * last
+        advantages[:, h] = last
+    return advantages * mask, (advantages + values) * mask
+
+
+def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args):
+    """The clipped surrogate objective and the clipped value loss, per response token (Schulman et al., 2017):
+      L_pi = -min(rho A, clip(rho, 1 - eps, 1 + eps) A),  rho = pi_theta(y_h|x, y_<h) / pi_t(y_h|x, y_<h)
+      L_V  = 1/2 max((V - R)^2, (V_t + clip(V - V_t, -eps_V, eps_V) - R)^2)
+    returns L_pi + vf_coef L_V averaged over the response tokens, and L_pi, L_V and the two clip fractions."""
+    ratio = (logprobs - old_logprobs).exp()
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
+    pg_loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    values_clipped = old_values + (values - old_values).clamp(-args.cliprange_value, args.cliprange_value)
+    vf_losses, vf_losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
+    return (pg_loss + args.vf_coef * vf_loss, pg_loss, vf_loss, clipfrac,
+            masked_mean((vf_losses_clipped > vf_losses).float(), mask))
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
+    """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
+    learning rate and the data position follow. Written beside the last checkpoint, then swapped in: a crash while
+    saving leaves the previous checkpoint whole."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(f"{path}.tmp/state.json", "w") as f:
+            json.dump({"update": update}, f)
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    set_state_dict(policy, optimizer, model_state_dict=load_file(f"{path}/model.safetensors"),
+                   optim_state_dict=torch.load(f"{path}/optimizer.pt", weights_only=True),
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(f"{path}/state.json") as f:
+        return json.load(f)["update"]
+
+
+def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
+    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0),
+    win rate against the human reference by RM score, EOS share, and the sample table. Prompts are split over ranks."""
+    rows, sums = [], torch.zeros(4, device=device)
+    with torch.no_grad(), gathered(policy), autocast:
+        for i in range(0, len(dataset), args.rollout_batch_size):
+            batch = dataset[i: i + args.rollout_batch_size]
+            queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+            query_responses, _, response_mask, contains_eos, logprobs, ref_logprobs, scores = sample_and_score(
+                policy, ref_policy, ref_context, reward_model, queries, query_mask, 1, args.eval_temperature, args)
+            references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
+            reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
+            reference_scores = reference_scores[range(len(scores)), queries.shape[1] + reference_mask.sum(1) - 1]
+            sums += torch.stack([scores.sum(), (logprobs - ref_logprobs).sum(), (scores > reference_scores).sum(),
+                                 contains_eos.sum()]).float()
+            responses = [r[:n] for r, n in zip(query_responses[:, queries.shape[1]:].tolist(),
+                                               response_mask.sum(1).tolist())]
+            rows += [dict(query=q, response=tokenizer.decode(r, skip_special_tokens=True),
+                          reference=tokenizer.decode(ref, skip_special_tokens=True), score=s,
+                          reference_score=rs)
+                     for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
+                                                 scores.tolist(), reference_scores.tolist())]
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+        gathered_rows = [None] * args.world_size
+        dist.all_gather_object(gathered_rows, rows)
+        rows = sum(gathered_rows, [])
+    sums /= len(rows)
+    return dict(zip(["eval/scores", "eval/kl", "eval/win_rate", "eval/eos_share"], sums.tolist())), rows
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+
+    # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, local_rank = 0, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    args.num_updates = args.total_episodes // args.batch_size
+    args.local_batch_size = args.batch_size // args.world_size
+    local_minibatch = args.local_batch_size // args.num_minibatches
+    args.gradient_accumulation_steps = local_minibatch // args.per_device_train_batch_size
+    if args.num_updates < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size \
+            * args.num_minibatches * args.world_size != args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {args.world_size} x "
+                         f"--num_minibatches {args.num_minibatches} x --per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size}, and at most --total_episodes {args.total_episodes}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
+        f"runs/tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if distributed:  # every rank writes into rank 0's folder
+        run_dir = [run_dir]
+        dist.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    run_name = os.path.basename(run_dir)
+    if args.tiny and master:
+        write_tiny_assets(args)
+    if distributed:
+        dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    args.eos_token_id = tokenizer.eos_token_id
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
+                       save_code=True)
+
+    torch.manual_seed(args.seed + rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+
+    # models: the policy pi_theta, the reference pi_0, the reward model and the value network initialised from it
+    # (App. H.1.3); eval() mode turns dropout off
+    lora = args.lora_rank > 0
+    policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if lora else torch.float32,
+                                                  trust_remote_code=args.trust_remote_code).to(device).eval()
+    if lora:  # pi_0 is the same weights with the adapter disabled: no second copy
+        policy = get_peft_model(policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0))
+        ref_policy, ref_context = policy, policy.disable_adapter
+    else:
+        ref_policy, ref_context = copy.deepcopy(policy).to(frozen_dtype).requires_grad_(False), contextlib.nullcontext
+    reward_model = load_reward_model(args.reward_model, frozen_dtype, args.trust_remote_code).to(device).eval()
+    reward_model.requires_grad_(False)
+    model = policy  # the unwrapped policy, for generate and the no-grad passes
+    critic = load_reward_model(args.reward_model, frozen_dtype if lora else torch.float32,
+                               args.trust_remote_code).to(device).eval()
+    if lora:  # LoRA on the value network's backbone; its scalar head is trained in full, in float32
+        critic.lm_backbone = get_peft_model(critic.lm_backbone, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                                           lora_dropout=0.0))
+        critic.scalar_head.float()
+    policy = PolicyAndValue(policy, critic)
+    if distributed and lora:
+        policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
+    elif distributed:  # full-parameter: FSDP2 shards each decoder layer of both networks, then the rest of each
+        mp_policy = MixedPrecisionPolicy(param_dtype=frozen_dtype, reduce_dtype=torch.float32)
+        for module in policy.modules():
+            if type(module).__name__ in model._no_split_modules:
+                fully_shard(module, mp_policy=mp_policy)
+        fully_shard(model, mp_policy=mp_policy)  # two roots: `model.generate` alone gathers the policy's parameters
+        fully_shard(critic, mp_policy=mp_policy)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+
+    train_data = load_prompts(args, tokenizer, "train", rank)
+    eval_data = load_prompts(args, tokenizer, "validation", rank)
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    if usable == 0:
+        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
+
+    start_update = 0
+    if args.resume_from:
+        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
+        if master:  # forget what the interrupted run logged after its checkpoint
+            with open(f"{run_dir}/metrics.jsonl") as f:
+                kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            with open(f"{run_dir}/metrics.jsonl", "w") as f:
+                f.writelines(kept)
+
+    def log(metrics, rows=None):
+        if not master:
+            return
+        with open(f"{run_dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if rows:
+            with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        if args.track:
+            table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
+            wandb.log({**metrics, **table}, step=metrics["update"])
+
+    if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
+        eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args, device,
+                                      autocast)
+        log({"update": 0, "episode": 0, **eval_metrics}, rows)
+
+    start_time = time.time()
+    progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
+    for update in progress:
+        optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
+        episode = update * args.batch_size
+        # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
+        start = (update - 1) * args.batch_size % usable
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+        batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
+        queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+        context_length = queries.shape[1]
+
+        # 1. One response y ~ pi_t(.|x) per prompt, with per-token log-probs under pi_t and pi_0, the RM score, and the
+        #    value network's V(x, y_<h) before every response token h
+        rollout_start = time.time()
+        with torch.no_grad(), gathered(model), autocast:
+            chunks = [sample_and_score(model, ref_policy, ref_context, reward_model,
+                                       queries[i: i + args.rollout_batch_size], query_mask[i: i + args.rollout_batch_size],
+                                       1, args.temperature, args)
+                      for i in range(0, args.local_batch_size, args.rollout_batch_size)]
+        query_responses, attention_masks, response_masks, contains_eos, logprobs, ref_logprobs, scores = map(
+            torch.cat, zip(*chunks))
+        with torch.no_grad(), autocast:
+            values = torch.cat([critic(query_responses[i: i + args.rollout_batch_size],
+                                       attention_masks[i: i + args.rollout_batch_size])[:, context_length - 1: -1]
+                                for i in range(0, args.local_batch_size, args.rollout_batch_size)]) * response_masks
+        # 2. Per-token rewards: -gamma (ln pi_t(y_h|.) - ln pi_0(y_h|.)) at every token (Eq. 22 spread over the tokens),
+        #    plus RM(x, y) (Gamma without EOS) at the last one, the EOS; then GAE and whitened advantages
+        kl = logprobs - ref_logprobs
+        rewards = -args.kl_coef * kl
+        rewards[torch.arange(len(rewards), device=device), response_masks.sum(1) - 1] += scores
+        advantages, returns = gae(rewards, values, response_masks, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, response_masks)
+        rollout_time = time.time() - rollout_start
+
+        # 3. `num_epochs` PPO epochs of AdamW over shuffled minibatches, for the policy and the value network together
+        update_start = time.time()
+        stats = torch.zeros(6, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        for epoch in range(args.num_epochs):
+            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    start = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    rows = permutation[start: start + args.per_device_train_batch_size]
+                    last = micro == args.gradient_accumulation_steps - 1
+                    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
+                        policy.set_requires_gradient_sync(last)
+                    else:  # DDP, likewise (a harmless attribute on an unwrapped model)
+                        policy.require_backward_grad_sync = last
+                    with autocast:
+                        logits, new_values = policy(query_responses[rows], attention_masks[rows])
+                    logits = logits[:, context_length - 1: -1].float() / args.temperature  # as in response_logprobs
+                    new_logprobs = logits.gather(-1, query_responses[rows, context_length:, None]).squeeze(-1) \
+                        - logits.logsumexp(-1)
+                    loss, pg_loss, vf_loss, clipfrac, vf_clipfrac = ppo_loss(
+                        new_logprobs, logprobs[rows], advantages[rows], new_values[:, context_length - 1: -1],
+                        values[rows], returns[rows], response_masks[rows], args)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        probs = logits.softmax(-1)
+                        entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
+                        entropy = (entropy * response_masks[rows]).sum() / response_masks[rows].sum()
+                        approxkl = 0.5 * masked_mean((new_logprobs - logprobs[rows]).pow(2), response_masks[rows])
+                        stats[:, epoch, minibatch, micro] = torch.stack([pg_loss, vf_loss, approxkl, clipfrac,
+                                                                         vf_clipfrac, entropy])
+                    del logits, probs
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
+        means = torch.stack([scores.mean(), kl.sum(1).mean(), rewards.sum(1).mean(), contains_eos.float().mean(),
+                             *stats.mean((1, 2, 3)), masked_mean(values, response_masks)])
+        if distributed:
+            dist.all_reduce(means)
+        means = (means / args.world_size).tolist()
+        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        metrics = {"update": update, "episode": episode, **dict(zip(
+            ["objective/scores", "objective/kl", "objective/rewards", "objective/eos_share", "ppo/loss/policy",
+             "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac", "policy/entropy",
+             "ppo/val/mean"], means)),
+            "lr": optimizer.param_groups[0]["lr"], "time/rollout_s": rollout_time, "time/update_s": update_time,
+            "eps": (episode - start_update * args.batch_size) / (time.time() - start_time), "memory/peak_gb": peak_gb}
+        progress.set_postfix(score=f"{means[0]:.3f}", kl=f"{means[1]:.3f}", eos=f"{means[3]:.2f}")
+        rows = None
+        if update % args.eval_every == 0 or update == args.num_updates:
+            eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                          device, autocast)
+            metrics.update(eval_metrics)
+        log(metrics, rows)
+
+        if args.save_every and update % args.save_every == 0:
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
+
+    # the trained policy in Hugging Face format (LoRA merged), loadable with AutoModelForCausalLM.from_pretrained
+    if lora:
+        final, model_state = model.merge_and_unload(), None
+    else:  # gathered from the shards; written through the frozen copy, a plain module of the policy's class
+        final = ref_policy
+        model_state = get_state_dict(model, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    if master:
+        final.save_pretrained(f"{run_dir}/model", state_dict=model_state)
+        tokenizer.save_pretrained(f"{run_dir}/model")
+        summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
+        print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
+        if args.track:
+            wandb.finish()
+    if distributed:
+        dist.destroy_process_group()

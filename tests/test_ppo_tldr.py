@@ -1,0 +1,92 @@
+"""Specification of ppo_tldr.py, the PPO baseline: GAE and the clipped objectives are what the equations say, and the
+script runs end to end on tiny models (single process and torchrun with DDP+LoRA and FSDP2), learns and saves."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ppo_tldr
+from conftest import read_metrics, run_script
+
+
+def test_gae_against_a_hand_computed_example():
+    # one response of 3 tokens (EOS at index 2) and a padding column; gamma 0.9, lambda 0.5
+    rewards = torch.tensor([[0.1, -0.2, 1.0, 5.0]])
+    values = torch.tensor([[0.5, 0.4, 0.3, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    advantages, returns = ppo_tldr.gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # delta_2 = 1.0 + 0.9 * 0 - 0.3 = 0.7 (the episode ends at the EOS: nothing after it counts)
+    # delta_1 = -0.2 + 0.9 * 0.3 - 0.4 = -0.33;   delta_0 = 0.1 + 0.9 * 0.4 - 0.5 = -0.04
+    # A_2 = 0.7;   A_1 = -0.33 + 0.45 * 0.7 = -0.015;   A_0 = -0.04 + 0.45 * (-0.015) = -0.04675
+    torch.testing.assert_close(advantages, torch.tensor([[-0.04675, -0.015, 0.7, 0.0]]))
+    torch.testing.assert_close(returns, torch.tensor([[0.45325, 0.385, 1.0, 0.0]]))
+    # with gamma = lambda = 1 the returns are the Monte-Carlo returns, the sums of the rewards still to come
+    _, returns = ppo_tldr.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(returns, torch.tensor([[0.9, 0.8, 1.0, 0.0]]))
+
+
+def test_clipped_objectives_have_zero_gradient_where_clipped():
+    args = SimpleNamespace(cliprange=0.2, cliprange_value=0.2, vf_coef=0.1)
+    # ratios 1.5, 0.5, 0.5, 1.5, 1.1 against advantages +1, -1, +1, -1, +1
+    old_logprobs = torch.zeros(1, 5)
+    logprobs = torch.tensor([[1.5, 0.5, 0.5, 1.5, 1.1]]).log().requires_grad_(True)
+    advantages = torch.tensor([[1.0, -1.0, 1.0, -1.0, 1.0]])
+    mask = torch.ones(1, 5)
+    old_values, returns = torch.zeros(1, 5), torch.ones(1, 5)
+    values = torch.tensor([[0.5, -0.5, 0.1, 0.5, 0.1]], requires_grad=True)
+    loss, pg_loss, vf_loss, clipfrac, vf_clipfrac = ppo_tldr.ppo_loss(logprobs, old_logprobs, advantages, values,
+                                                                    old_values, returns, mask, args)
+    loss.backward()
+    # the ratio has left [0.8, 1.2] in the direction the advantage favours: no gradient, the update is done
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] == 0
+    # it has left it in the direction the advantage disfavours, or is inside: the gradient pulls it back or on
+    assert logprobs.grad[0, 2] < 0 and logprobs.grad[0, 3] > 0 and logprobs.grad[0, 4] < 0
+    assert clipfrac.item() == pytest.approx(2 / 5)
+    # values moved beyond +-0.2 of the old value: token 0 (towards the return) is clipped, token 1 (away) is not
+    assert values.grad[0, 0] == 0 and values.grad[0, 1] < 0 and values.grad[0, 2] < 0
+    assert vf_clipfrac.item() == pytest.approx(2 / 5)  # tokens 0 and 3
+    torch.testing.assert_close(loss, pg_loss + 0.1 * vf_loss)
+    # the numbers themselves: -min(rho A, clip(rho) A) per token and 1/2 max((V - R)^2, (V_clip - R)^2)
+    assert pg_loss.item() == pytest.approx((-1.2 + 0.8 - 0.5 + 1.5 - 1.1) / 5)
+    assert vf_loss.item() == pytest.approx(0.5 * (0.8**2 + 1.5**2 + 0.9**2 + 0.8**2 + 0.9**2) / 5)
+
+
+
+def run(workdir, *flags, **kwargs):
+    return run_script("ppo_tldr.py", workdir, *flags, **kwargs)
+
+
+def metrics_of(workdir, exp_name):
+    return read_metrics(workdir, f"tldr__{exp_name}")
+
+
+def test_tiny_run_learns_and_saves(workdir):
+    run(workdir, "--exp_name", "ppo_e2e")
+    run_dir, metrics = metrics_of(workdir, "ppo_e2e")
+    keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
+            "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac",
+            "ppo/val/mean", "policy/entropy", "lr", "time/rollout_s", "time/update_s", "eps", "memory/peak_gb"}
+    assert [m["update"] for m in metrics] == list(range(11))
+    assert all(keys <= set(m) for m in metrics[1:])
+    before, after = metrics[0], metrics[-1]
+    # learning, judged on the held-out prompts: the RM score (Gamma without EOS) rises
+    assert after["eval/scores"] > before["eval/scores"] + 0.1, (before, after)
+    assert after["eval/kl"] > 0 and before["eval/kl"] == pytest.approx(0, abs=1e-4)
+    # the value network learns to predict the returns
+    assert metrics[-1]["ppo/loss/value"] < metrics[1]["ppo/loss/value"]
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
+    weight = "gpt_neox.layers.0.attention.query_key_value.weight"
+    assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4"]], ids=["ddp_lora", "fsdp2_full"])
+def test_torchrun_two_processes(workdir, mode):
+    exp_name = "ppo_torchrun_" + ("full" if mode else "lora")
+    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", *mode, torchrun=True)
+    run_dir, metrics = metrics_of(workdir, exp_name)
+    assert [m["update"] for m in metrics] == [0, 1, 2]
+    assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")

@@ -128,7 +128,8 @@ def write_tiny_assets(args):
     """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
     dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
     paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
-    evaluation gives summaries rather than noise. The reward model's head is scaled so that reference summaries score 0 +- 1."""
+    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
+    scores have standard deviation 1 and a mean near 0."""
     from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
     if os.path.exists("runs/tiny/done"):
         return
@@ -163,7 +164,7 @@ def write_tiny_assets(args):
     tokenizer.save_pretrained(args.sft_model)
     # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
     rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
-    with torch.no_grad():  # normalised like the paper's RMs: reference summaries score mean 0, here with std 1
+    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
         ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
         scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
         rm.scalar_head.weight /= scores.std()

@@ -129,7 +129,8 @@ def write_tiny_assets(args):
     """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
     dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
     paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
-    evaluation gives summaries rather than noise. The reward model's head is scaled so that reference summaries score 0 +- 1."""
+    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
+    scores have standard deviation 1 and a mean near 0."""
     from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
     if os.path.exists("runs/tiny/done"):
         return
@@ -164,7 +165,7 @@ def write_tiny_assets(args):
     tokenizer.save_pretrained(args.sft_model)
     # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
     rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
-    with torch.no_grad():  # normalised like the paper's RMs: reference summaries score mean 0, here with std 1
+    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
         ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
         scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
         rm.scalar_head.weight /= scores.std()
@@ -522,26 +523,26 @@ if __name__ == "__main__":
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
                 for micro in range(args.gradient_accumulation_steps):
-                    start = minibatch * local_minibatch + micro * args.per_device_train_batch_size
-                    pairs = permutation[start: start + args.per_device_train_batch_size]
-                    rows = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    pairs = permutation[first: first + args.per_device_train_batch_size]
+                    seqs = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
                     last = micro == args.gradient_accumulation_steps - 1
                     if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
                         policy.set_requires_gradient_sync(last)
                     else:  # DDP, likewise (a harmless attribute on an unwrapped model)
                         policy.require_backward_grad_sync = last
                     with autocast:
-                        new_logprobs, logits = response_logprobs(policy, query_responses[rows], attention_masks[rows],
+                        new_logprobs, logits = response_logprobs(policy, query_responses[seqs], attention_masks[seqs],
                                                                  context_length, args.temperature)
-                    new_logprobs = (new_logprobs * response_masks[rows]).sum(1)
-                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
+                    new_logprobs = (new_logprobs * response_masks[seqs]).sum(1)
+                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
                                       args.eta)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
                         probs = logits.softmax(-1)
                         entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
-                        entropy = (entropy * response_masks[rows]).sum() / response_masks[rows].sum()
-                        approxkl = 0.5 * (new_logprobs - logprobs[rows]).pow(2).mean()
+                        entropy = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
+                        approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
                     del logits, probs
                 optimizer.step()

@@ -9,10 +9,9 @@ import math
 import os
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -50,8 +49,9 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """write a tiny random-weight LCM pipeline, CLIP vision tower and aesthetic head to runs/tiny_lcm/ (once) and
-    train on them, on CPU in about a minute; flags passed explicitly still win over the tiny defaults (see TINY)"""
+    """write a tiny random-weight LCM pipeline, CLIP vision tower and aesthetic head to runs/tiny_lcm/ (unless they
+    exist at --model, --clip_model, --aesthetic_head_path) and train on them, on CPU in about a minute; flags passed
+    explicitly still win over the tiny defaults (see TINY)"""
 
     # models and prompts (App. H.3.1-H.3.2); a hub ID or a local path
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
@@ -68,6 +68,10 @@ class Args:
     """image height and width in pixels"""
     num_steps: int = 8
     """horizon: LCM sampling steps per image (App. H.3.3)"""
+    timesteps: Literal["rlcm", "diffusers"] = "rlcm"
+    """which `num_steps` timesteps of the LCM's distillation schedule the sampler visits (the paper does not say):
+    "rlcm" takes every (50 // num_steps)-th of the 50 counting down from 999, as the released code (999, 879, ...,
+    279, 159 for 8 steps); "diffusers" spreads them evenly, as diffusers' LCMScheduler since 0.24 (..., 259, 139)"""
     guidance_scale: float = 8.0
     """the guidance scale w fed to the LCM as its guidance embedding (w - 1), as in the released code"""
 
@@ -87,6 +91,8 @@ class Args:
     """AdamW learning rate (constant)"""
     adam_eps: float = 1e-8
     """AdamW epsilon"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (Section 5 names AdamW, no value; the released code uses Adam, which is AdamW with 0)"""
     max_grad_norm: float = 5.0
     """clip the gradient norm to this before each step (App. H.3.3 lists it for REBEL; the released code uses it only
     for PPO); 0 for no clipping"""
@@ -99,7 +105,10 @@ class Args:
     lora_rank: int = 8
     """LoRA rank on the UNet's attention projections to_q, to_k, to_v, to_out.0"""
     lora_alpha: int = 8
-    """LoRA alpha"""
+    """LoRA alpha; the adapter's output is scaled by lora_alpha / lora_rank"""
+    lora_init: Literal["gaussian", "default"] = "gaussian"
+    """LoRA initialisation of A (B starts at 0, so the policy starts as the LCM either way): "gaussian" N(0, 1/r^2),
+    as the released code; "default" peft's Kaiming-uniform"""
 
     # evaluation and saving
     eval_every: int = 1
@@ -113,61 +122,17 @@ class Args:
 
     # computed at run time
     world_size: int = 1
+    """number of processes (computed at run time)"""
     gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step, sample_batch_size / train_batch_size (computed at run time)"""
     num_updates: int = 0
+    """num_epochs * batches_per_epoch (computed at run time)"""
 
-
-# --tiny defaults: 32 px images, 4 steps, a learning rate that moves a tiny UNet in 30 updates
-TINY = dict(model="runs/tiny_lcm/lcm", clip_model="runs/tiny_lcm/clip", aesthetic_head_path="runs/tiny_lcm/head.pth",
-            resolution=32, num_steps=4, num_epochs=6, batches_per_epoch=5, sample_batch_size=8, train_batch_size=4,
-            lr=2e-2, eval_every=2, eval_prompts=16)
-
-
-def write_tiny_assets(args):
-    """A tiny LCM pipeline (UNet, VAE, CLIP text encoder, a character-level CLIPTokenizer built from Python objects,
-    LCMScheduler), a tiny CLIP vision tower and a random aesthetic head, written with save_pretrained / torch.save and
-    read back by the same code as the real models. 32 px images are 4 x 4 latents (VAE factor 8, as in Stable
-    Diffusion)."""
-    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
-    if os.path.exists("runs/tiny_lcm/done"):
-        return
-    torch.manual_seed(0)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
-             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=args.resolution // 8, block_out_channels=(16, 32), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=32)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
-                        sample_size=args.resolution)
-    # a mild noise schedule (abar >= 0.85): with Stable Diffusion's (abar down to 0.005) an untrained UNet's x0
-    # prediction would be 1/sqrt(abar) ~ 15 times too large at the first step
-    scheduler = LCMScheduler(beta_start=1e-4, beta_end=4e-3, beta_schedule="linear")
-    LatentConsistencyModelPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False).save_pretrained(args.model)
-    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                            num_attention_heads=4, image_size=32, patch_size=8,
-                                                            projection_dim=768))
-    vision.save_pretrained(args.clip_model)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(args.clip_model)
-    pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model)
-    scorer = AestheticScorer(vision, CLIPImageProcessor.from_pretrained(args.clip_model), aesthetic_mlp())
-    head = scorer.head
-    with torch.no_grad():  # the random head rescaled so that the tiny model's images score 5 +- 1, the real range
-        images = pipeline(list(ANIMALS[:32]), num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale,
-                          output_type="pt").images
-        scores = scorer(images)
-        head[-1].weight.div_(scores.std())
-        head[-1].bias.sub_(scores.mean()).div_(scores.std()).add_(5.0)
-    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, args.aesthetic_head_path)
-    open("runs/tiny_lcm/done", "w").close()
+    def __post_init__(self):
+        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
+            for name, value in TINY.items():
+                if getattr(self, name) == getattr(Args, name):
+                    setattr(self, name, value)
 
 
 def aesthetic_mlp():
@@ -187,14 +152,17 @@ class AestheticScorer(nn.Module):
         self.register_buffer("std", torch.tensor(processor.image_std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images):
-        # CLIP's preprocessing for square images (bicubic resize to the crop size, normalise), batched on the device
-        pixels = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True).clamp(0, 1)
-        embeds = self.vision(pixel_values=((pixels - self.mean) / self.std).to(self.vision.dtype)).image_embeds
-        embeds = embeds.float() / embeds.float().norm(dim=-1, keepdim=True)
-        return self.head.to(embeds.dtype)(embeds).squeeze(-1)
+        # in float32 also inside the policy's bf16 autocast, as the released code: bf16 has steps of 1/32 between 4
+        # and 8, where the scores lie, coarser than the score differences of a pair that Eq. (1) regresses on
+        with torch.autocast(images.device.type, enabled=False):
+            # CLIP's preprocessing for square images (bicubic resize to the crop size, normalise), batched on the device
+            pixels = F.interpolate(images.float(), size=self.size, mode="bicubic", antialias=True).clamp(0, 1)
+            embeds = self.vision(pixel_values=(pixels - self.mean) / self.std).image_embeds
+            return self.head(embeds / embeds.norm(dim=-1, keepdim=True)).squeeze(-1)
 
 
-def load_aesthetic_scorer(args, dtype):
+def load_aesthetic_scorer(args):
+    """The reward model in float32 (CLIP ViT-L/14's vision tower, 0.3B parameters, and the MLP)."""
     if not os.path.isfile(args.aesthetic_head_path):
         raise FileNotFoundError(
             f"aesthetic head weights not found at --aesthetic_head_path {args.aesthetic_head_path}; download "
@@ -202,9 +170,19 @@ def load_aesthetic_scorer(args, dtype):
     state = torch.load(args.aesthetic_head_path, map_location="cpu", weights_only=True)  # no pickled code runs
     head = aesthetic_mlp()
     head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-    vision = CLIPVisionModelWithProjection.from_pretrained(args.clip_model, dtype=dtype)
+    vision = CLIPVisionModelWithProjection.from_pretrained(args.clip_model, dtype=torch.float32)
     scorer = AestheticScorer(vision, CLIPImageProcessor.from_pretrained(args.clip_model), head)
     return scorer.eval().requires_grad_(False)
+
+
+def rlcm_timesteps(scheduler, num_steps):
+    """The released code's sampling timesteps (its LCMScheduler, from diffusers 0.23): the LCM was distilled on the
+    S = original_inference_steps timesteps k - 1, 2k - 1, ..., S k - 1 (k = 1000 // S); sampling takes every
+    (S // num_steps)-th of them counting down from the last: 999, 879, 759, 639, 519, 399, 279, 159 for S = 50 and 8
+    steps. diffusers 0.24 (PR #5836) spread them evenly instead, which ends lower (..., 379, 259, 139)."""
+    original_steps = scheduler.config.original_inference_steps
+    k = scheduler.config.num_train_timesteps // original_steps
+    return [original_steps * k - 1 - i * k * (original_steps // num_steps) for i in range(num_steps)]
 
 
 def encode_prompts(pipeline, prompts, device):
@@ -280,6 +258,7 @@ def normalize_rewards(scores, prompts, buffers, buffer_size, min_count):
     """Per-prompt reward normalisation with a rolling buffer (App. H.3.3, from DDPO): a score becomes
     (r - mean) / std over the last `buffer_size` scores of its prompt once the prompt has `min_count` of them, over
     the whole batch before that. `buffers` maps prompt -> list of scores and is updated in place."""
+    scores = scores.float()
     normalized = torch.empty_like(scores)
     for prompt in sorted(set(prompts)):
         mask = torch.tensor([p == prompt for p in prompts], device=scores.device)
@@ -371,8 +350,61 @@ def load_checkpoint(path, unet, optimizer, generator, rank):
     return state["update"], state["reward_buffers"]
 
 
+# --tiny defaults: 32 px images, 4 steps, a learning rate that moves a tiny UNet in 30 updates
+TINY = dict(model="runs/tiny_lcm/lcm", clip_model="runs/tiny_lcm/clip", aesthetic_head_path="runs/tiny_lcm/head.pth",
+            resolution=32, num_steps=4, num_epochs=6, batches_per_epoch=5, sample_batch_size=8, train_batch_size=4,
+            lr=2e-2, eval_every=2, eval_prompts=16)
+
+
+def write_tiny_assets(args):
+    """A tiny LCM pipeline (UNet, VAE, CLIP text encoder, a character-level CLIPTokenizer built from Python objects,
+    LCMScheduler), a tiny CLIP vision tower and a random aesthetic head, written with save_pretrained / torch.save and
+    read back by the same code as the real models. 32 px images are 4 x 4 latents (VAE factor 8, as in Stable
+    Diffusion). Skipped if all three exist (the head is written last)."""
+    from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+    if all(map(os.path.exists, [f"{args.model}/model_index.json", f"{args.clip_model}/config.json",
+                                args.aesthetic_head_path])):
+        return
+    torch.manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c: 2 + i for i, c in enumerate(letters)},
+             **{c + "</w>": 28 + i for i, c in enumerate(letters)}}
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                                bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=args.resolution // 8, block_out_channels=(16, 32), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8, time_cond_proj_dim=32)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=8,
+                        sample_size=args.resolution)
+    # a mild noise schedule (abar >= 0.85): with Stable Diffusion's (abar down to 0.005) an untrained UNet's x0
+    # prediction would be 1/sqrt(abar) ~ 15 times too large at the first step
+    scheduler = LCMScheduler(beta_start=1e-4, beta_end=4e-3, beta_schedule="linear")
+    LatentConsistencyModelPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False).save_pretrained(args.model)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                            num_attention_heads=4, image_size=32, patch_size=8,
+                                                            projection_dim=768))
+    vision.save_pretrained(args.clip_model)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(args.clip_model)
+    pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model)
+    scorer = AestheticScorer(vision, CLIPImageProcessor.from_pretrained(args.clip_model), aesthetic_mlp())
+    head = scorer.head
+    with torch.no_grad():  # the random head rescaled so that the tiny model's images score 5 +- 1, the real range
+        images = pipeline(list(ANIMALS[:32]), num_inference_steps=args.num_steps, guidance_scale=args.guidance_scale,
+                          output_type="pt").images
+        scores = scorer(images)
+        head[-1].weight.div_(scores.std())
+        head[-1].bias.sub_(scores.mean()).div_(scores.std()).add_(5.0)
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, args.aesthetic_head_path)
+
+
 if __name__ == "__main__":
-    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+    args = tyro.cli(Args)
 
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
@@ -423,7 +455,10 @@ if __name__ == "__main__":
     pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model, torch_dtype=frozen_dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    pipeline.scheduler.set_timesteps(args.num_steps)
+    if args.timesteps == "rlcm":
+        pipeline.scheduler.set_timesteps(timesteps=rlcm_timesteps(pipeline.scheduler, args.num_steps))
+    else:
+        pipeline.scheduler.set_timesteps(args.num_steps)
     if pipeline.scheduler.config.prediction_type != "epsilon" or pipeline.scheduler.config.clip_sample \
             or pipeline.scheduler.config.thresholding:
         raise ValueError(f"{args.model}: this script's sampler supports an epsilon-prediction LCMScheduler without "
@@ -432,13 +467,15 @@ if __name__ == "__main__":
         module.requires_grad_(False).eval()
     unet = pipeline.unet
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                init_lora_weights="gaussian" if args.lora_init == "gaussian" else True,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     for p in unet.parameters():  # the trainable LoRA weights in float32, the frozen ones in frozen_dtype
         if p.requires_grad:
             p.data = p.data.float()
     policy = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else unet
-    scorer = load_aesthetic_scorer(args, frozen_dtype).to(device)
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+    scorer = load_aesthetic_scorer(args).to(device)
+    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
 
     prompts = ANIMALS
     if args.prompts_file:
@@ -451,7 +488,7 @@ if __name__ == "__main__":
     latent_shape = (2 * args.sample_batch_size, unet.config.in_channels,
                     *[args.resolution // pipeline.vae_scale_factor] * 2)
 
-    start_update, buffers = 0, {}
+    start_update, buffers, metrics = 0, {}, {}
     if args.resume_from:
         start_update, buffers = load_checkpoint(args.resume_from, unet, optimizer, generator, rank)
         if master:  # forget what the interrupted run logged after its checkpoint
@@ -459,6 +496,7 @@ if __name__ == "__main__":
                 kept = [line for line in f if json.loads(line)["update"] <= start_update]
             with open(f"{run_dir}/metrics.jsonl", "w") as f:
                 f.writelines(kept)
+            metrics = json.loads(kept[-1])  # the summary, if the loop has nothing left to do
 
     def log(metrics, rows=None):
         if not master:
@@ -476,7 +514,7 @@ if __name__ == "__main__":
         eval_metrics, rows = evaluate(pipeline, scorer, prompts, w_embedding, args, device, autocast)
         log({"update": 0, "epoch": 0, "reward_queries": 0, **eval_metrics}, rows)
 
-    start_time = time.time()
+    skipped_in_a_row = 0
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
     for update in progress:
         # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5; mu = pi_t as in Section 5): two
@@ -524,8 +562,13 @@ if __name__ == "__main__":
             losses[micro] = loss.detach()
         grad_norm = nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad],
                                              args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
-        optimizer.step()
+        # a NaN or inf loss on any rank makes the gradient, which DDP averages, non-finite on every rank: all ranks skip
+        # the step together, so the policy never samples from NaN weights
+        skipped = not torch.isfinite(grad_norm)
+        if not skipped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         training_time = time.time() - training_start
 
         # 4. Log (means over ranks), evaluate at the end of every `eval_every` epochs, checkpoint
@@ -535,28 +578,33 @@ if __name__ == "__main__":
         means = (means / args.world_size).tolist()
         peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        epoch = update // args.batches_per_epoch
+        epochs_done = update // args.batches_per_epoch
         metrics = {"update": update, "epoch": update / args.batches_per_epoch,
                    "reward_queries": update * args.world_size * len(scores), **dict(zip(
                        ["objective/scores", "objective/scores_std", "rebel/loss", "rebel/grad_norm"],
-                       means)),
+                       means)), "train/skipped_steps": int(skipped),
                    "lr": optimizer.param_groups[0]["lr"], "time/sampling_s": sampling_time,
                    "time/training_s": training_time, "time/sampling_images_per_s": len(scores) / sampling_time,
                    "time/training_images_per_s": len(scores) / training_time, "memory/peak_gb": peak_gb}
         progress.set_postfix(score=f"{means[0]:.3f}", loss=f"{means[2]:.3f}")
         rows = None
-        if (update % args.batches_per_epoch == 0 and epoch % args.eval_every == 0) or update == args.num_updates:
+        if (update % args.batches_per_epoch == 0 and epochs_done % args.eval_every == 0) or update == args.num_updates:
             eval_metrics, rows = evaluate(pipeline, scorer, prompts, w_embedding, args, device, autocast)
             metrics.update(eval_metrics)
         log(metrics, rows)
+        if skipped_in_a_row == 3:
+            raise FloatingPointError(f"update {update}: 3 optimizer steps in a row skipped for a non-finite loss or "
+                                     f"gradient norm; the last checkpoint (if any) is kept in {run_dir}/checkpoint; "
+                                     f"try a lower --lr (now {args.lr})")
 
         if args.save_every and update % args.save_every == 0:
             save_checkpoint(f"{run_dir}/checkpoint", unet, optimizer, generator, buffers, update, rank)
 
     # the LoRA weights in diffusers format: pipeline.load_lora_weights(f"{run_dir}/lora") loads them
     if master:
-        LatentConsistencyModelPipeline.save_lora_weights(
-            f"{run_dir}/lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        LatentConsistencyModelPipeline.save_lora_weights(  # with the LoraConfig, so that alpha / r is kept
+            f"{run_dir}/lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
         summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
         print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
         if args.track:

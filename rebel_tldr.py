@@ -3,7 +3,6 @@
 #   python rebel_tldr.py --tiny                                  # tiny random models, CPU, about a minute
 #   torchrun --nproc_per_node 8 rebel_tldr.py --eta 1.0          # the paper's 2.8B run
 import contextlib
-import copy
 import csv
 import glob
 import json
@@ -11,7 +10,6 @@ import os
 import random
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -19,17 +17,22 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer)
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -45,8 +48,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (once) and train on them, on CPU
-    in about a minute; flags passed explicitly still win over the tiny defaults (see TINY below)"""
+    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (where missing) and train on them,
+    on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set otherwise"""
 
     # models and data (App. H.1.1-H.1.2); a hub ID or a local path
     sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
@@ -60,7 +63,7 @@ class Args:
     query_length: int = 512
     """longest prompt in tokens; longer prompts are dropped, and the count is printed"""
     response_length: int = 53
-    """tokens sampled per response, exactly (App. H.1.1)"""
+    """most tokens sampled per response (App. H.1.1); decoding stops early once every response has its EOS"""
     temperature: float = 0.7
     """sampling temperature: the released code's 0.7 (App. H.1.5's table says 0.1); log-probs use the same value"""
     eval_temperature: float = 0.01
@@ -82,9 +85,10 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
     per_device_train_batch_size: int = 8
-    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch)"""
+    """prompts per forward/backward on one device, with their responses (gradient accumulation makes up the
+    minibatch); also the micro-batch of the no-grad passes that score the samples"""
     rollout_batch_size: int = 16
-    """prompts per generate call (and per evaluation forward) on one device; both responses come from one call"""
+    """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 3e-6
     """AdamW learning rate, decayed linearly to 0 over the run"""
     adam_eps: float = 1e-5
@@ -93,6 +97,8 @@ class Args:
     """LoRA rank (paper: 1024 for 1.4B/2.8B); 0 trains all parameters (paper: 6.9B), sharded with FSDP2 under torchrun"""
     lora_alpha: int = 2048
     """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: less memory for full-parameter runs, more time"""
 
     # evaluation and saving
     eval_every: int = 100
@@ -118,65 +124,11 @@ class Args:
     pad_token_id: int = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
 
-
-# --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
-TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
-            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
-            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
-
-
-def write_tiny_assets(args):
-    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
-    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
-    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
-    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
-    scores have standard deviation 1 and a mean near 0."""
-    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
-    if os.path.exists("runs/tiny/done"):
-        return
-    g = random.Random(0)
-    torch.manual_seed(0)
-    tokenizer = ByT5Tokenizer()
-    words = "cat dog rent job friend move car game date boss school money sister plan".split()
-    for split, n in [("train", 1024), ("validation", 128)]:
-        os.makedirs(args.dataset, exist_ok=True)
-        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
-            for _ in range(n):
-                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
-                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
-                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
-                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    policy = GPTNeoXForCausalLM(config)
-    data = load_prompts(args, tokenizer, "train", 0)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    for step in range(300):  # SFT: next-token loss on the reference summaries
-        batch = data[torch.randint(len(data), (32,)).tolist()]
-        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
-        labels = torch.where(mask.bool(), ids, -100)
-        for row, q in enumerate(batch["query_token"]):
-            labels[row, : len(q)] = -100
-        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    policy.save_pretrained(args.sft_model)
-    tokenizer.save_pretrained(args.sft_model)
-    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
-    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
-    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
-        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
-        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
-        rm.scalar_head.weight /= scores.std()
-        rm.bias = (scores.mean() / scores.std()).item()
-    os.makedirs(args.reward_model, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
-    with open(f"{args.reward_model}/config.json", "w") as f:
-        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
-                   "bias": rm.bias}, f, indent=2)
-    tokenizer.save_pretrained(args.reward_model)
-    open("runs/tiny/done", "w").close()
+    def __post_init__(self):
+        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
+            for name, value in TINY.items():
+                if getattr(self, name) == getattr(Args, name):
+                    setattr(self, name, value)
 
 
 class ScalarRewardModel(nn.Module):
@@ -200,13 +152,70 @@ def load_reward_model(name, dtype, trust_remote_code):
                                                                    trust_remote_code=trust_remote_code)
         return ScalarRewardModel(model.base_model, model.score, 0.0)
     # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
-    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]))
-    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1), config["bias"])
+    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1, dtype=dtype), config["bias"])
     state = {}
     for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
         state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
     model.load_state_dict(state)
-    return model.to(dtype)
+    return model
+
+
+def shard(model, mp_policy):
+    """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`. With an FSDP2 `mp_policy` (full-parameter training under
+    torchrun), sharded without ever being whole on a device, nor in host memory on any rank but rank 0: rank 0 reads
+    the checkpoint on the CPU, the other ranks build the model on the meta device (no memory), every rank shards it,
+    and rank 0 broadcasts the weights, each rank keeping its shard."""
+    if mp_policy is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state, buffers = model.state_dict(), [b.clone() for b in model.buffers()]
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state = {}
+    shard(model, mp_policy)
+    model.to_empty(device=device)
+    for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def frozen_copy(model, dtype, args, device, mp_policy=None):
+    """pi_0 for full-parameter training: a copy of the policy in `dtype`, made tensor by tensor (under FSDP2, shard by
+    shard from the sharded policy), so that no second whole fp32 model ever exists."""
+    with torch.device("meta"):
+        ref_policy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if mp_policy is not None:
+        shard(ref_policy, mp_policy)
+    ref_policy.to_empty(device=device)
+    with torch.no_grad():
+        for copy, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
+                                                                                      *model.buffers()]):
+            copy.copy_(original)
+    return ref_policy.eval().requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
+    that is set on the layers alone, so that the dropout modules inside them stay off (eval mode)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.training = True
 
 
 def load_prompts(args, tokenizer, split, rank):
@@ -259,44 +268,78 @@ def gathered(model):
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
-    """`num_samples` responses per prompt in one batched call: exactly `response_length` tokens each. EOS is a
-    token like any other here (eos_token_id=None): responses are cut at their first EOS afterwards."""
+    """`num_samples` responses per prompt in one batched call, padded to `response_length` tokens. A response ends at
+    its first EOS: generate writes padding after it, and stops once every response has ended (the others' tokens are
+    drawn exactly as if it went on). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since the
+    all-gathers need the same number of forward passes on every rank."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                     eos_token_id=None, pad_token_id=args.pad_token_id)
+                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
+                                     synced_gpus=isinstance(model, FSDPModule))
+    query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),
+                            value=args.pad_token_id)
     return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
-    """ln pi(y_h | x, y_<h) of every response token, from one forward pass at the sampling temperature."""
-    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, context_length - 1: -1]
-    logits = logits.float() / temperature
-    tokens = query_responses[:, context_length:, None]
-    return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
+def token_logprobs(logits, tokens, temperatures, with_entropy):
+    """ln softmax(logits / t) at `tokens` for each t in `temperatures` (k, n, T), and the entropy at the first t, from
+    the logits of n sequences: these fp32 copies of the logits exist for one chunk of sequences at a time."""
+    logprobs, entropy = [], None
+    for t in temperatures:
+        scaled = logits.float() / t
+        logsumexp = scaled.logsumexp(-1)
+        logprobs.append(scaled.gather(-1, tokens[..., None]).squeeze(-1) - logsumexp)
+        if with_entropy and entropy is None:
+            with torch.no_grad():
+                entropy = logsumexp - (scaled.softmax(-1) * scaled).sum(-1)
+    return torch.stack(logprobs), entropy
 
 
-def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples, temperature,
-                     args):
-    """Responses from one generate call, cut after their first EOS (later tokens become padding and are masked out),
-    with their sequence log-probs under pi (at the training temperature) and pi_0 up to the EOS, and the RM score
-    read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
+def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and the
+    per-token entropy at the first, from one forward pass. The LM head runs at the response positions only
+    (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
+    (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   logits_to_keep=query_responses.shape[1] - context_length + 1).logits[:, :-1]
+    tokens = query_responses[:, context_length:]
+    chunks = [checkpoint(token_logprobs, logits[i: i + 1], tokens[i: i + 1], temperatures, with_entropy,
+                         use_reentrant=False) for i in range(len(logits))]
+    logprobs = torch.cat([c[0] for c in chunks], 1)
+    return logprobs, torch.cat([c[1] for c in chunks]) if with_entropy else None
+
+
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
+                     sample_temperature, args):
+    """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it,
+    so that pi, pi_0 and the RM below all see the truncated response), and, in no-grad passes over micro-batches of
+    `per_device_train_batch_size` prompts' responses: their sequence log-probs under pi and pi_0 up to the EOS, at the
+    training temperature on purpose (the regression's ln pi_t is that of the policy being trained, whatever the
+    sampler's temperature) and also at the sampling one (Table 1's KL of near-greedy evaluation samples); and the RM
+    score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
     context_length = queries.shape[1]
-    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, temperature)
-    responses = query_responses[:, context_length:]
-    eos_index = first_eos(responses, args.eos_token_id)
-    response_mask = torch.arange(args.response_length, device=responses.device) <= eos_index[:, None]
-    responses.masked_fill_(~response_mask, args.pad_token_id)
-    logprobs, _ = response_logprobs(model, query_responses, attention_mask, context_length, args.temperature)
-    with ref_context():
-        ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length,
-                                            args.temperature)
-    scores = reward_model(query_responses, attention_mask)[:, context_length:]
-    scores = scores.gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
+    eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=queries.device) <= eos_index[:, None]
+    temperatures = tuple(dict.fromkeys([args.temperature, sample_temperature]))  # the training one first, once
+    logprobs, ref_logprobs, scores = [], [], []
+    micro_batch = args.per_device_train_batch_size * num_samples
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(query_responses), micro_batch)]:
+        logprobs.append(response_logprobs(model, query_responses[rows], attention_mask[rows], context_length,
+                                          temperatures)[0])
+        with ref_context():
+            ref_logprobs.append(response_logprobs(ref_policy, query_responses[rows], attention_mask[rows],
+                                                  context_length, temperatures)[0])
+        scores.append(reward_model(query_responses[rows], attention_mask[rows])[:, context_length:])
+    logprobs = (torch.cat(logprobs, 1) * response_mask).sum(-1)  # (temperatures, B)
+    ref_logprobs = (torch.cat(ref_logprobs, 1) * response_mask).sum(-1)
+    scores = torch.cat(scores).gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
     contains_eos = eos_index < args.response_length
     scores = torch.where(contains_eos, scores, args.penalty_reward_value)
-    return (query_responses, attention_mask, response_mask, contains_eos, (logprobs * response_mask).sum(1),
-            (ref_logprobs * response_mask).sum(1), scores)
+    return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],
+                kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1], scores=scores)
 
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta):
@@ -307,10 +350,19 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta):
     return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
 
 
+def mean_over_ranks(metrics):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(metrics, values.tolist()))
+
+
 def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
     """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
-    learning rate and the data position follow. Written beside the last checkpoint, then swapped in: a crash while
-    saving leaves the previous checkpoint whole."""
+    learning rate and the data position follow; gathered on rank 0's CPU only. Written beside the last checkpoint,
+    then swapped in: a crash while saving leaves the previous checkpoint whole."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if rank == 0:
@@ -334,9 +386,15 @@ def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
 
 
 def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
-    set_state_dict(policy, optimizer, model_state_dict=load_file(f"{path}/model.safetensors"),
-                   optim_state_dict=torch.load(f"{path}/optimizer.pt", weights_only=True),
-                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    """The inverse of save_checkpoint. Under FSDP2 rank 0 reads the weights and optimizer state and broadcasts them, so
+    that no other rank holds them whole in host memory; a LoRA checkpoint is small, and every rank reads it."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    optimizer_state = torch.load(f"{path}/optimizer.pt", weights_only=True) if rank == 0 or not sharded else {}
+    # strict=False: the checkpoint holds the trainable weights only (set_state_dict would skip them on empty ranks)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
     rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     shuffle_generator.set_state(rng["shuffle"])
@@ -347,38 +405,102 @@ def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
 
 
 def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
-    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0),
-    win rate against the human reference by RM score, EOS share, and the sample table. Prompts are split over ranks."""
-    rows, sums = [], torch.zeros(4, device=device)
+    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
+    at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
+    score, EOS share, and the sample table. Prompts are split evenly over ranks."""
+    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl_at_eval_temperature", "eval/kl_at_train_temperature",
+                                    "eval/win_rate", "eval/eos_share"], 0.0)
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             batch = dataset[i: i + args.rollout_batch_size]
             queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
-            query_responses, _, response_mask, contains_eos, logprobs, ref_logprobs, scores = sample_and_score(
-                policy, ref_policy, ref_context, reward_model, queries, query_mask, 1, args.eval_temperature, args)
+            out = sample_and_score(policy, ref_policy, ref_context, reward_model, queries, query_mask, 1,
+                                   args.eval_temperature, args)
             references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
-            reference_scores = reference_scores[range(len(scores)), queries.shape[1] + reference_mask.sum(1) - 1]
-            sums += torch.stack([scores.sum(), (logprobs - ref_logprobs).sum(), (scores > reference_scores).sum(),
-                                 contains_eos.sum()]).float()
-            responses = [r[:n] for r, n in zip(query_responses[:, queries.shape[1]:].tolist(),
-                                               response_mask.sum(1).tolist())]
+            reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
+            for key, values in zip(sums, [out["scores"], out["kl_at_sample_temperature"],
+                                          out["logprobs"] - out["ref_logprobs"], out["scores"] > reference_scores,
+                                          out["contains_eos"]]):
+                sums[key] += values.float().sum()
+            responses = [r[:n] for r, n in zip(out["query_responses"][:, queries.shape[1]:].tolist(),
+                                               out["response_mask"].sum(1).tolist())]
             rows += [dict(query=q, response=tokenizer.decode(r, skip_special_tokens=True),
                           reference=tokenizer.decode(ref, skip_special_tokens=True), score=s,
                           reference_score=rs)
                      for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
-                                                 scores.tolist(), reference_scores.tolist())]
+                                                 out["scores"].tolist(), reference_scores.tolist())]
+    metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
     if dist.is_initialized():
-        dist.all_reduce(sums)
         gathered_rows = [None] * args.world_size
         dist.all_gather_object(gathered_rows, rows)
         rows = sum(gathered_rows, [])
-    sums /= len(rows)
-    return dict(zip(["eval/scores", "eval/kl", "eval/win_rate", "eval/eos_share"], sums.tolist())), rows
+    return metrics, rows
+
+
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
+            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
+            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
+
+
+def write_tiny_assets(args):
+    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
+    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
+    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
+    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
+    scores have standard deviation 1 and a mean near 0."""
+    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+    written = [f"{args.dataset}/validation.jsonl", f"{args.sft_model}/tokenizer_config.json",
+               f"{args.reward_model}/tokenizer_config.json"]  # the last file of each asset
+    if all(os.path.exists(path) for path in written):
+        return
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    words = "cat dog rent job friend move car game date boss school money sister plan".split()
+    for split, n in [("train", 1024), ("validation", 128)]:
+        os.makedirs(args.dataset, exist_ok=True)
+        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+            for _ in range(n):
+                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
+                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
+                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
+                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy = GPTNeoXForCausalLM(config)
+    data = load_prompts(args, tokenizer, "train", 0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(300):  # SFT: next-token loss on the reference summaries
+        batch = data[torch.randint(len(data), (32,)).tolist()]
+        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
+        labels = torch.where(mask.bool(), ids, -100)
+        for row, q in enumerate(batch["query_token"]):
+            labels[row, : len(q)] = -100
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(args.sft_model)
+    tokenizer.save_pretrained(args.sft_model)
+    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
+    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
+    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
+        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
+        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
+        rm.scalar_head.weight /= scores.std()
+        rm.bias = (scores.mean() / scores.std()).item()
+    os.makedirs(args.reward_model, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
+    with open(f"{args.reward_model}/config.json", "w") as f:
+        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
+                   "bias": rm.bias}, f, indent=2)
+    tokenizer.save_pretrained(args.reward_model)
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+    args = tyro.cli(Args)
 
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
@@ -393,7 +515,8 @@ if __name__ == "__main__":
     if device.type == "cuda":
         torch.cuda.set_device(device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     args.num_updates = args.total_episodes // args.batch_size
     args.local_batch_size = args.batch_size // args.world_size
@@ -430,31 +553,39 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + rank)
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
 
-    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off. `raw_policy`
+    # is the model itself, for generate and the no-grad passes; `policy` the same model as trained (DDP or FSDP2)
     lora = args.lora_rank > 0
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if lora else torch.float32,
-                                                  trust_remote_code=args.trust_remote_code).to(device).eval()
+    fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not lora \
+        else None  # full-parameter training under torchrun: the policy and pi_0 sharded with FSDP2
+    raw_policy = load_policy(args.sft_model, compute_dtype if lora else torch.float32, args, device, rank, fsdp).eval()
     if lora:  # pi_0 is the same weights with the adapter disabled: no second copy
-        policy = get_peft_model(policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0))
-        ref_policy, ref_context = policy, policy.disable_adapter
+        raw_policy = get_peft_model(raw_policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                           lora_dropout=0.0))
+        ref_policy, ref_context = raw_policy, raw_policy.disable_adapter
     else:
-        ref_policy, ref_context = copy.deepcopy(policy).to(frozen_dtype).requires_grad_(False), contextlib.nullcontext
-    reward_model = load_reward_model(args.reward_model, frozen_dtype, args.trust_remote_code).to(device).eval()
-    reward_model.requires_grad_(False)
-    model = policy  # the unwrapped policy, for generate and the no-grad passes
-    if distributed and lora:
-        policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
-    elif distributed:  # full-parameter: FSDP2 shards each decoder layer, then the rest
-        mp_policy = MixedPrecisionPolicy(param_dtype=frozen_dtype, reduce_dtype=torch.float32)
-        for module in policy.modules():
-            if type(module).__name__ in policy._no_split_modules:
-                fully_shard(module, mp_policy=mp_policy)
-        fully_shard(policy, mp_policy=mp_policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+        ref_policy, ref_context = frozen_copy(raw_policy, compute_dtype, args, device, fsdp), contextlib.nullcontext
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(raw_policy)
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code).requires_grad_(False)
+    if fsdp:  # sharded like pi_0, so that no rank holds a second whole model
+        shard(reward_model.lm_backbone, fsdp)
+        fully_shard(reward_model, mp_policy=fsdp)
+    reward_model = reward_model.to(device).eval()
+    # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
+    # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
+    # last micro-step, as much memory as the fp32 model, which is what sharding is there to avoid.
+    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and lora \
+        else raw_policy
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
     train_data = load_prompts(args, tokenizer, "train", rank)
     eval_data = load_prompts(args, tokenizer, "validation", rank)
     num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    if num_eval == 0:
+        raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
+                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
     eval_data = eval_data.select(range(rank, num_eval, args.world_size))
     usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
     if usable == 0:
@@ -483,12 +614,15 @@ if __name__ == "__main__":
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
 
+    metrics = {}
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
-        eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args, device,
-                                      autocast)
-        log({"update": 0, "episode": 0, **eval_metrics}, rows)
+        eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                      device, autocast)
+        metrics = {"update": 0, "episode": 0, **eval_metrics}
+        log(metrics, rows)
 
     start_time = time.time()
+    skipped_in_a_row = 0  # optimizer steps with a non-finite gradient since the last finite one
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
     for update in progress:
         optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
@@ -504,21 +638,24 @@ if __name__ == "__main__":
         # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5; mu = pi_t as in Section 5): both
         #    responses of a pair come from one generate call, rows 2i and 2i+1 of every tensor below.
         rollout_start = time.time()
-        with torch.no_grad(), gathered(model), autocast:
-            chunks = [sample_and_score(model, ref_policy, ref_context, reward_model,
+        with torch.no_grad(), gathered(raw_policy), autocast:
+            chunks = [sample_and_score(raw_policy, ref_policy, ref_context, reward_model,
                                        queries[i: i + args.rollout_batch_size], query_mask[i: i + args.rollout_batch_size],
                                        2, args.temperature, args)
                       for i in range(0, args.local_batch_size, args.rollout_batch_size)]
-        query_responses, attention_masks, response_masks, contains_eos, logprobs, ref_logprobs, scores = map(
-            torch.cat, zip(*chunks))
+        rollout = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+        query_responses, attention_masks, response_masks = (rollout[k] for k in ["query_responses", "attention_mask",
+                                                                                 "response_mask"])
+        logprobs, scores = rollout["logprobs"], rollout["scores"]
         # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22), with Gamma for no EOS in RM(x, y)
-        kl = logprobs - ref_logprobs
+        kl = logprobs - rollout["ref_logprobs"]
         rewards = scores - args.kl_coef * kl
         rollout_time = time.time() - rollout_start
 
         # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
         stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        skipped_steps = 0
         for epoch in range(args.num_epochs):
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
@@ -526,46 +663,51 @@ if __name__ == "__main__":
                     first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
                     pairs = permutation[first: first + args.per_device_train_batch_size]
                     seqs = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
-                    last = micro == args.gradient_accumulation_steps - 1
-                    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
-                        policy.set_requires_gradient_sync(last)
-                    else:  # DDP, likewise (a harmless attribute on an unwrapped model)
-                        policy.require_backward_grad_sync = last
+                    policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
                     with autocast:
-                        new_logprobs, logits = response_logprobs(policy, query_responses[seqs], attention_masks[seqs],
-                                                                 context_length, args.temperature)
-                    new_logprobs = (new_logprobs * response_masks[seqs]).sum(1)
+                        new_logprobs, entropy = response_logprobs(policy, query_responses[seqs], attention_masks[seqs],
+                                                                  context_length, (args.temperature,), True)
+                    new_logprobs = (new_logprobs[0] * response_masks[seqs]).sum(1)
                     loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
                                       args.eta)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
-                        probs = logits.softmax(-1)
-                        entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
                         entropy = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                         approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
-                    del logits, probs
-                optimizer.step()
+                grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+                if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
+                    optimizer.step()
+                    skipped_in_a_row = 0
+                else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
+                    skipped_steps += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row == 3:
+                        raise FloatingPointError(
+                            f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
+                            f"({grad_norm.item()}); stopping. The last checkpoint ({run_dir}/checkpoint, if "
+                            "--save_every wrote one) is kept; resume from it with a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
-        means = torch.stack([scores.mean(), kl.mean(), rewards.mean(), contains_eos.float().mean(), *stats.mean((1, 2, 3)),
-                             stats[0, 0].mean(), stats[0, -1].mean()])
-        if distributed:
-            dist.all_reduce(means)
-        means = (means / args.world_size).tolist()
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        metrics = {"update": update, "episode": episode, **dict(zip(
-            ["objective/scores", "objective/kl", "objective/rewards", "objective/eos_share", "rebel/loss",
-             "rebel/approxkl", "policy/entropy", "rebel/loss_first_epoch", "rebel/loss_last_epoch"], means)),
-            "lr": optimizer.param_groups[0]["lr"], "time/rollout_s": rollout_time, "time/update_s": update_time,
-            "eps": (episode - start_update * args.batch_size) / (time.time() - start_time), "memory/peak_gb": peak_gb}
-        progress.set_postfix(score=f"{means[0]:.3f}", kl=f"{means[1]:.3f}", eos=f"{means[3]:.2f}")
+        loss, approxkl, entropy = stats
+        metrics = {"update": update, "episode": episode, **mean_over_ranks({
+            "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
+            "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": loss.mean(),
+            "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy.mean(),
+            "rebel/loss_first_epoch": loss[0].mean(), "rebel/loss_last_epoch": loss[-1].mean()}),
+            "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_time, "time/update_s": update_time,
+            "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
+            "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                             eos=f"{metrics['objective/eos_share']:.2f}")
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
-            eval_metrics, rows = evaluate(model, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+            eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
                                           device, autocast)
             metrics.update(eval_metrics)
         log(metrics, rows)
@@ -573,14 +715,19 @@ if __name__ == "__main__":
         if args.save_every and update % args.save_every == 0:
             save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
 
-    # the trained policy in Hugging Face format (LoRA merged), loadable with AutoModelForCausalLM.from_pretrained
-    if lora:
-        final, model_state = model.merge_and_unload(), None
-    else:  # gathered from the shards; written through the frozen copy, a plain module of the policy's class
-        final = ref_policy
-        model_state = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained: with LoRA, the
+    # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards
+    if lora and master:
+        raw_policy.save_pretrained(f"{run_dir}/adapter")
+        merged = raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype)
+        merged.save_pretrained(f"{run_dir}/model")
+    elif not lora:
+        model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+        if master:
+            with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
+                model = AutoModelForCausalLM.from_config(raw_policy.config)
+            model.save_pretrained(f"{run_dir}/model", state_dict=model_state)
     if master:
-        final.save_pretrained(f"{run_dir}/model", state_dict=model_state)
         tokenizer.save_pretrained(f"{run_dir}/model")
         summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
         print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))

@@ -59,7 +59,8 @@ def test_tiny_run_learns_the_held_out_preferences(workdir):
         assert row["chosen"].endswith("</s>") and row["chosen"] != row["rejected"]
     run_dir, metrics = metrics_of(workdir, "dpo_e2e")
     keys = {"update", "episode", "dpo/loss", "dpo/rewards/chosen", "dpo/rewards/rejected", "dpo/reward_margin",
-            "dpo/accuracy", "lr", "time/rollout_s", "time/update_s", "eps", "memory/peak_gb"}
+            "dpo/accuracy", "lr", "time/rollout_s", "time/update_s", "episodes_per_s", "train/skipped_steps",
+            "memory/peak_gb"}
     assert [m["update"] for m in metrics] == list(range(21))
     assert all(keys <= set(m) for m in metrics[1:])
     before, after = metrics[0], metrics[-1]
@@ -69,7 +70,8 @@ def test_tiny_run_learns_the_held_out_preferences(workdir):
     assert after["eval/dpo/reward_margin"] > 0.1 and after["eval/dpo/accuracy"] > 0.7, after
     assert after["dpo/loss"] < metrics[1]["dpo/loss"] == pytest.approx(math.log(2), abs=1e-3)
     # the same evaluation as rebel_tldr.py, with the RM: present before and after
-    for key in ["eval/scores", "eval/kl", "eval/win_rate", "eval/eos_share"]:
+    for key in ["eval/scores", "eval/kl_at_eval_temperature", "eval/kl_at_train_temperature", "eval/win_rate",
+                "eval/eos_share"]:
         assert key in before and key in after
     assert os.path.exists(f"{run_dir}/samples_update20.csv")
     from transformers import AutoModelForCausalLM
@@ -80,9 +82,10 @@ def test_tiny_run_learns_the_held_out_preferences(workdir):
 
 
 def test_torchrun_two_processes(workdir):
-    run(workdir, "--exp_name", "dpo_torchrun", "--total_episodes", "64", torchrun=True)
+    run(workdir, "--exp_name", "dpo_torchrun", "--total_episodes", "64", "--eval_pairs", "4", torchrun=True)
     run_dir, metrics = metrics_of(workdir, "dpo_torchrun")
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["dpo/reward_margin"] != 0  # the policy moved away from pi_0 after the first update
+    assert metrics[-1]["eval/dpo/pairs"] == 4  # the held-out preference pairs: --eval_pairs, not the whole split
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")

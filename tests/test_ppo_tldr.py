@@ -65,13 +65,15 @@ def test_tiny_run_learns_and_saves(workdir):
     run_dir, metrics = metrics_of(workdir, "ppo_e2e")
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
             "ppo/loss/policy", "ppo/loss/value", "ppo/policy/approxkl", "ppo/policy/clipfrac", "ppo/val/clipfrac",
-            "ppo/val/mean", "policy/entropy", "lr", "time/rollout_s", "time/update_s", "eps", "memory/peak_gb"}
+            "ppo/val/mean", "policy/entropy", "lr", "time/rollout_s", "time/update_s", "episodes_per_s",
+            "train/skipped_steps", "memory/peak_gb"}
     assert [m["update"] for m in metrics] == list(range(11))
     assert all(keys <= set(m) for m in metrics[1:])
     before, after = metrics[0], metrics[-1]
     # learning, judged on the held-out prompts: the RM score (Gamma without EOS) rises
     assert after["eval/scores"] > before["eval/scores"] + 0.1, (before, after)
-    assert after["eval/kl"] > 0 and before["eval/kl"] == pytest.approx(0, abs=1e-4)
+    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:
+        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
     # the value network learns to predict the returns
     assert metrics[-1]["ppo/loss/value"] < metrics[1]["ppo/loss/value"]
     from transformers import AutoModelForCausalLM

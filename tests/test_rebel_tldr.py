@@ -3,6 +3,7 @@ to end on tiny models (single process, torchrun with DDP+LoRA and FSDP2), learns
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,65 @@ import torch
 
 import rebel_tldr
 from conftest import ROOT, read_metrics, run_script
+
+
+def tiny_policy(vocab_size=300, layers=2, hidden=32):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                                            num_attention_heads=4, intermediate_size=4 * hidden, eos_token_id=1,
+                                            pad_token_id=0)).eval()
+
+
+def test_logprobs_equal_the_full_logits_computation():
+    """Logits at the response positions only, log-softmax one sequence at a time under activation checkpointing:
+    the same log-probs, entropies and gradients as the plain computation over full logits, on a left-padded batch."""
+    model = tiny_policy()
+    queries = torch.randint(2, 300, (4, 9))
+    query_mask = torch.ones_like(queries)
+    queries[:2, :3], query_mask[:2, :3] = 0, 0  # two prompts left-padded
+    query_responses = torch.cat([queries, torch.randint(2, 300, (4, 6))], 1)
+    attention_mask = torch.cat([query_mask, torch.ones(4, 6, dtype=torch.long)], 1)
+    temperature = 0.7
+    logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, 8:-1].float() / temperature
+    expected = logits.gather(-1, query_responses[:, 9:, None]).squeeze(-1) - logits.logsumexp(-1)
+    expected_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    expected_grad = torch.autograd.grad(expected.sum(), model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight)[0]
+    logprobs, entropy = rebel_tldr.response_logprobs(model, query_responses, attention_mask, 9, (temperature, 0.01),
+                                                     True)
+    torch.testing.assert_close(logprobs[0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
+    grad = torch.autograd.grad(logprobs[0].sum(), model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight)[0]
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    cold = logits * temperature / 0.01  # the second temperature: the same logits, rescaled
+    torch.testing.assert_close(logprobs[1], cold.gather(-1, query_responses[:, 9:, None]).squeeze(-1)
+                               - cold.logsumexp(-1), atol=1e-4, rtol=1e-6)
+
+
+def test_generation_stops_early_with_the_same_tokens():
+    """Decoding stops once every response has its EOS, and the tokens up to each EOS are those that decoding all
+    `response_length` steps draws from the same seed (the masks after it are the same: padding)."""
+    class Args:
+        response_length, eos_token_id, pad_token_id = 30, 1, 0
+    model = tiny_policy()
+    # make EOS likely (p ~ 0.5 per step), so that all 32 responses end within a few steps on any machine
+    model.get_output_embeddings().register_forward_hook(lambda m, i, logits: logits + 6.0 * (
+        torch.arange(logits.shape[-1]) == 1))
+    queries = torch.randint(2, 300, (4, 7))
+    steps = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: steps.append(1), with_kwargs=True)
+    torch.manual_seed(3)
+    query_responses, attention_mask = rebel_tldr.generate(model, queries, torch.ones_like(queries), 8, Args, 1.0)
+    decoded_steps = len(steps)
+    Args.eos_token_id = None  # decoding every step, as the released code does
+    torch.manual_seed(3)
+    full, _ = rebel_tldr.generate(model, queries, torch.ones_like(queries), 8, Args, 1.0)
+    assert decoded_steps < 30 and query_responses.shape == full.shape == (32, 37)
+    eos_index = rebel_tldr.first_eos(full[:, 7:], 1)
+    assert (eos_index < 30).all()
+    truncated = full[:, 7:].masked_fill(torch.arange(30) > eos_index[:, None], 0)
+    assert torch.equal(query_responses[:, 7:], truncated)
+    assert attention_mask.shape == (32, 37) and attention_mask[:, 7:].all()
 
 
 def test_exact_rebel_is_mirror_descent():
@@ -68,15 +128,19 @@ def test_tiny_run_learns_and_saves(workdir):
     run(workdir, "--exp_name", "e2e")
     run_dir, metrics = metrics_of(workdir, "e2e")
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
-            "rebel/loss", "rebel/approxkl", "policy/entropy", "lr", "time/rollout_s", "time/update_s", "eps",
-            "memory/peak_gb"}
+            "rebel/loss", "rebel/approxkl", "policy/entropy", "train/skipped_steps", "lr", "time/rollout_s",
+            "time/update_s", "episodes_per_s", "memory/peak_gb"}
     assert [m["update"] for m in metrics] == list(range(21))
     assert all(keys <= set(m) for m in metrics[1:])
     before, after = metrics[0], metrics[-1]
     # learning, judged on the held-out prompts: the RM score (Gamma without EOS) and the EOS share rise
     assert after["eval/scores"] > before["eval/scores"] + 0.1, (before, after)
     assert after["eval/eos_share"] > before["eval/eos_share"]
-    assert after["eval/kl"] > 0 and before["eval/kl"] == pytest.approx(0, abs=1e-4)
+    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:  # Table 1's, and at temperature 0.7
+        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    # the same log-ratio at temperature 0.01 is the one at 0.7 scaled up: about 70x on near-greedy samples
+    assert after["eval/kl_at_eval_temperature"] > 5 * after["eval/kl_at_train_temperature"]
+    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
     assert os.path.exists(f"{run_dir}/samples_update20.csv")
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
@@ -84,17 +148,34 @@ def test_tiny_run_learns_and_saves(workdir):
     assert glob.glob(f"{run_dir}/model/*.safetensors")
     weight = "gpt_neox.layers.0.attention.query_key_value.weight"
     assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
+    from peft import PeftModel  # and the adapter itself, on top of the SFT model: the same policy
+    adapted = PeftModel.from_pretrained(sft, f"{run_dir}/adapter").merge_and_unload()
+    torch.testing.assert_close(adapted.state_dict()[weight], trained.state_dict()[weight])
 
 
-@pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4"]], ids=["ddp_lora", "fsdp2_full"])
+@pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4", "--gradient_checkpointing"]],
+                         ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
     exp_name = "torchrun_" + ("full" if mode else "lora")
-    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", *mode, torchrun=True)
+    flags = ["--exp_name", exp_name, "--total_episodes", "64", "--save_every", "2", *mode]
+    run(workdir, *flags, torchrun=True)
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-    AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+    final = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    # resuming from the checkpoint of the last update: every rank loads its part, nothing is left to train, and the
+    # model is saved again, the same
+    run(workdir, *flags, "--resume_from", f"{run_dir}/checkpoint", torchrun=True)
+    assert [m["update"] for m in metrics_of(workdir, exp_name)[1]] == [0, 1, 2]
+    resumed = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    for key, value in final.items():
+        torch.testing.assert_close(resumed[key], value)
+    if mode:  # full-parameter: the checkpoint holds the whole policy, which is the saved model
+        checkpoint = load_file(f"{run_dir}/checkpoint/model.safetensors")
+        for key, value in checkpoint.items():
+            torch.testing.assert_close(final[key], value)
 
 
 def test_resume_gives_the_same_metrics(workdir):
@@ -118,7 +199,7 @@ def test_resume_gives_the_same_metrics(workdir):
     assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
     for a, b in zip(straight, resumed):
         for key in a:
-            if not key.startswith(("time/", "eps", "memory/")):
+            if not key.startswith(("time/", "episodes_per_s", "memory/")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
 
 
@@ -192,3 +273,124 @@ def test_track_writes_an_offline_wandb_run(workdir):
         logged = f.read()
     for key in [b"objective/scores", b"rebel/loss", b"eval/win_rate", b"memory/peak_gb"]:
         assert key in logged
+
+
+def test_tiny_defaults_apply_to_flags_not_given():
+    import tyro
+    args = tyro.cli(rebel_tldr.Args, args=["--tiny", "--lr", "0.5", "--dataset", "elsewhere"])
+    assert (args.lr, args.dataset) == (0.5, "elsewhere")  # given explicitly: kept
+    assert (args.batch_size, args.sft_model, args.lora_rank) == (32, "runs/tiny/sft", 8)  # the tiny defaults
+    assert tyro.cli(rebel_tldr.Args, args=[]).batch_size == 512  # the paper's
+
+
+def test_tiny_assets_follow_their_paths(workdir, monkeypatch):
+    """An earlier tiny run does not stop `--tiny --dataset DIR` from writing DIR."""
+    monkeypatch.chdir(workdir)
+    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True))
+    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True, dataset="runs/tiny_other/tldr"))
+    assert os.path.exists(f"{workdir}/runs/tiny_other/tldr/validation.jsonl")
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, tmp_path):
+    """A reward model that scores NaN: every optimizer step is skipped (the weights stay finite and unchanged) and
+    counted; the third in a row stops the run with an error naming the update, and the last checkpoint is kept."""
+    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True, sft_model=f"{workdir}/runs/tiny/sft",
+                                                 reward_model=f"{workdir}/runs/tiny/reward",
+                                                 dataset=f"{workdir}/runs/tiny/tldr"))
+    shutil.copytree(f"{workdir}/runs/tiny/reward", tmp_path / "nan_rm")
+    with open(tmp_path / "nan_rm" / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "nan_rm" / "config.json", "w") as f:
+        json.dump({**config, "bias": float("nan")}, f)
+    # 2 optimizer steps per update (2 epochs, 1 minibatch): update 1 skips 2, update 2 stops at its first
+    proc = run(workdir, "--exp_name", "nan", "--reward_model", str(tmp_path / "nan_rm"), "--num_epochs", "2",
+               "--total_episodes", "96", "--save_every", "1", "--eval_samples", "8", check=False)
+    assert proc.returncode != 0
+    assert "FloatingPointError: update 2: 3 optimizer steps in a row had a non-finite loss or gradient norm" \
+        in proc.stderr
+    run_dir, metrics = metrics_of(workdir, "nan")
+    assert [m["update"] for m in metrics] == [0, 1] and metrics[1]["train/skipped_steps"] == 2
+    from safetensors.torch import load_file
+    with open(f"{run_dir}/checkpoint/state.json") as f:
+        assert json.load(f)["update"] == 1
+    weights = load_file(f"{run_dir}/checkpoint/model.safetensors")
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    assert all((w == 0).all() for k, w in weights.items() if "lora_B" in k)  # LoRA's initial B: nothing applied
+
+
+def test_minibatches_and_eval_temperature(workdir):
+    """--num_minibatches 2 takes two optimizer steps per epoch; --eval_temperature 1.0 samples the evaluation at the
+    training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy."""
+    run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
+        "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16")
+    _, metrics = metrics_of(workdir, "minibatches")
+    assert [m["update"] for m in metrics] == [0, 1, 2] and metrics[-1]["objective/kl"] != 0
+    assert metrics[-1]["eval/kl_at_eval_temperature"] != metrics[-1]["eval/kl_at_train_temperature"]
+
+
+def test_eval_samples_below_the_world_size_are_rejected(workdir):
+    proc = run(workdir, "--eval_samples", "1", torchrun=True, check=False)
+    assert proc.returncode != 0
+    assert "evaluation needs at least one validation prompt per rank: --eval_samples 1 of 128 prompts for world " \
+           "size 2" in proc.stderr
+
+
+def test_remote_code_needs_the_flag(tmp_path):
+    """A checkpoint whose config maps to custom code runs that code only with --trust_remote_code (without it, a
+    known architecture loads as the built-in class)."""
+    model = tiny_policy()
+    model.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
+    model.save_pretrained(tmp_path / "custom")
+    with open(tmp_path / "custom" / "custom.py", "w") as f:
+        f.write("from transformers import GPTNeoXForCausalLM\n\n\nclass CustomForCausalLM(GPTNeoXForCausalLM):\n"
+                "    custom = True\n")
+
+    class Args:
+        trust_remote_code = False
+    assert not hasattr(rebel_tldr.load_policy(str(tmp_path / "custom"), torch.float32, Args, "cpu", 0), "custom")
+    Args.trust_remote_code = True
+    assert rebel_tldr.load_policy(str(tmp_path / "custom"), torch.float32, Args, "cpu", 0).custom
+
+
+FSDP2_LOAD = """
+import resource, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import rebel_tldr
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+class Args:
+    trust_remote_code = False
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+mp_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+policy = rebel_tldr.load_policy(sys.argv[2], torch.float32, Args, "cpu", rank, mp_policy)
+ref_policy = rebel_tldr.frozen_copy(policy, torch.float32, Args, "cpu", mp_policy)
+growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+states = [get_model_state_dict(m, options=options) for m in [policy, ref_policy]]
+if rank == 0:
+    torch.save(states, sys.argv[3])
+print(f"rank {rank} peak RSS growth {growth}")
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
+    """Under FSDP2, the policy and its frozen copy pi_0 are loaded without any rank's peak RSS growing by a whole fp32
+    model plus a frozen copy (the old way: both whole on every rank); the shards hold exactly the checkpoint."""
+    model = tiny_policy(vocab_size=384, layers=8, hidden=512)  # 25M parameters: 100 MB in fp32
+    model.save_pretrained(tmp_path / "model")
+    model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    (tmp_path / "load.py").write_text(FSDP2_LOAD)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "load.py"), ROOT, str(tmp_path / "model"), str(tmp_path / "states.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growths = [int(line.split()[-1]) for line in proc.stdout.splitlines() if "peak RSS growth" in line]
+    assert len(growths) == 2
+    assert max(growths) < 2 * model_bytes, (growths, model_bytes)  # rank 0: the checkpoint once, and its shards
+    assert min(growths) < 1.5 * model_bytes, (growths, model_bytes)  # rank 1: its halves of the two only
+    for state in torch.load(tmp_path / "states.pt", weights_only=True):
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(state[key], value, atol=0, rtol=0)

@@ -328,8 +328,8 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
     logits = model(input_ids=query_responses, attention_mask=attention_mask,
                    logits_to_keep=query_responses.shape[1] - context_length + 1).logits[:, :-1]
     tokens = query_responses[:, context_length:]
-    chunks = [checkpoint(token_logprobs, logits[i: i + 1], tokens[i: i + 1], temperatures, with_entropy,
-                         use_reentrant=False) for i in range(len(logits))]
+    chunks = [checkpoint(token_logprobs, chunk, chunk_tokens, temperatures, with_entropy, use_reentrant=False)
+              for chunk, chunk_tokens in zip(logits.split(1), tokens.split(1))]  # (split: one backward for all)
     logprobs = torch.cat([c[0] for c in chunks], 1)
     return logprobs, torch.cat([c[1] for c in chunks]) if with_entropy else None
 
@@ -806,6 +806,7 @@ if __name__ == "__main__":
         if master:
             with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
                 model = AutoModelForCausalLM.from_config(raw_policy.config)
+            model.generation_config = raw_policy.generation_config  # rank 0's, read with the SFT checkpoint
             model.save_pretrained(f"{run_dir}/model", state_dict=model_state)
     if master:
         tokenizer.save_pretrained(f"{run_dir}/model")

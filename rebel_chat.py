@@ -3,6 +3,7 @@
 # the skeleton is rebel_tldr.py, and `diff rebel_tldr.py rebel_chat.py` shows what chat needs.
 #   python rebel_chat.py --tiny                                  # tiny random models, CPU, about a minute
 #   torchrun --nproc_per_node 8 rebel_chat.py ...                # the paper's runs: see the README's command lines
+import collections
 import contextlib
 import copy
 import csv
@@ -13,7 +14,6 @@ import random
 import re
 import resource
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -21,14 +21,20 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          LlamaModel, LlamaPreTrainedModel)
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -44,16 +50,17 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """write tiny random-weight models and a synthetic chat-prompt dataset to runs/tiny_chat/ (once) and train on them,
-    on CPU in about a minute; flags passed explicitly still win over the tiny defaults (see TINY below)"""
+    """write tiny random-weight models and a synthetic chat-prompt dataset to runs/tiny_chat/ (where missing) and train
+    on them, on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set
+    otherwise"""
 
     # models and data (Section 5.2, App. H.2.1-H.2.2); a hub ID or a local path
     sft_model: str = "openchat/openchat_3.5"
     """the chat policy; pi_0 and the initial pi_t. Its chat template formats the prompts"""
     reward_model: str = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
-    """an AutoModelForSequenceClassification RM with its own tokenizer and chat template. The paper's
-    Starling-RM-7B-alpha is a raw state dict for a custom head, not supported: this Llama-3 RM stands in (ArmoRM:
-    --trust_remote_code)"""
+    """the RM, with its own tokenizer and chat template: an AutoModelForSequenceClassification checkpoint, or ArmoRM
+    (RLHFlow/ArmoRM-Llama3-8B-v0.1, Section 5.2.1), recognised by its config and run without its remote code. The
+    paper's Starling-RM-7B-alpha is a raw state dict for a custom head, not supported: this Llama-3 RM stands in"""
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
     """prompts: a text column `prompt`, one user turn (UltraFeedback) or a 'Human: ... Assistant:' chat (Nectar)"""
     train_split: str = "train_prefs"
@@ -61,21 +68,27 @@ class Args:
     eval_split: str = "test_prefs"
     """the held-out split to evaluate on (e.g. `train[-1000:]` for Nectar)"""
     trust_remote_code: bool = False
-    """allow models with custom code from the hub (ArmoRM-Llama3-8B-v0.1 needs it)"""
+    """allow models with custom code from the hub"""
     max_prompt_length: int = 1024
     """longest chat-formatted prompt in policy tokens; longer prompts are dropped and counted (2.3% in App. H.2.2)"""
     max_new_tokens: int = 1024
     """longest response; generation stops earlier at the policy's end-of-turn token(s) (Table 5)"""
     num_samples: int = 2
     """N responses per prompt from pi_t; N = 2 gives the pair, N > 2 pairs the best with the worst (Section 5.2.1)"""
-    temperature: float = 0.7
-    """sampling temperature, no top-p or top-k, so that the log-probs (at the same temperature) are the sampler's"""
+    temperature: float = 0.5
+    """sampling temperature, no top-p or top-k, so that the log-probs (at the same temperature) are the sampler's. The
+    released code's 0.5 (Nectar and UltraFeedback runs; the paper gives none); its Section 5.2.1 runs used 0.8"""
     eval_temperature: float = 0.01
-    """near-greedy sampling for evaluation"""
+    """near-greedy sampling for evaluation, as in the released code"""
     penalty_reward_value: float = -4.0
     """Gamma: the score of a response without end-of-turn within `max_new_tokens` (App. H.2.3)"""
+    drop_truncated: bool = False
+    """remove the pairs with a response that never ends its turn from the regression instead (Gamma still ranks it
+    for best/worst), as the released Section 5.2.1 code drops prompts with over-long responses: with eta = 1e6, a pair
+    scored Gamma = -4 has a target (~4e6) that dominates the loss"""
     kl_coef: float = 0.05
-    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); 0.05 in Section 5.2, 0 in Section 5.2.1"""
+    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); 0.05 in Section 5.2, 0 in Section 5.2.1,
+    where pi_0 is then neither loaded nor run, and no KL is logged"""
 
     # REBEL (Algorithm 1, App. H.2.4)
     eta: tuple[float, ...] = (1.0,)
@@ -89,20 +102,27 @@ class Args:
     minibatch_size: int = 0
     """pairs per optimizer step across all ranks; 0 for the whole batch (Section 5.2), 128 in Section 5.2.1"""
     per_device_train_batch_size: int = 2
-    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch)"""
+    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch); also the micro-batch
+    (times N responses) of the no-grad passes that score the samples"""
     rollout_batch_size: int = 4
-    """prompts per generate call (and per evaluation forward) on one device; all N responses come from one call"""
+    """prompts per generate call on one device; all N responses come from one call"""
     lr: float = 1e-7
     """AdamW learning rate"""
     lr_schedule: Literal["linear", "cosine"] = "linear"
     """linear: decay to 0 over the run (Section 5.2); cosine: after a warmup, restarted per iteration (Section 5.2.1)"""
     warmup_ratio: float = 0.0
     """share of each iteration's optimizer steps spent warming up (cosine only; 0.1 in Section 5.2.1)"""
-    adam_eps: float = 1e-5
-    """AdamW epsilon"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas: the released code's (the paper gives none)"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon: the released code's"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay: the released code's"""
     num_layers_unfrozen: int = 4
     """train only the last K decoder layers (and the head), with a shared-bottom reference (App. H.2.2: 4 for OpenChat);
     0 trains all parameters (Llama-3-8B), sharded with FSDP2 under torchrun"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: less memory for full-parameter runs, more time"""
 
     # evaluation and saving
     eval_every: int = 100
@@ -131,111 +151,138 @@ class Args:
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
     run time)"""
 
-
-# --tiny defaults: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
-TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
-            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
-            rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
-# the tiny models' chat templates: byte-level tokenizers, each with its own format and end-of-turn marker
-TINY_POLICY_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
-                        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
-TINY_RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-                    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+    def __post_init__(self):
+        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
+            for name, value in TINY.items():
+                if getattr(self, name) == getattr(Args, name):
+                    setattr(self, name, value)
 
 
-def write_tiny_assets(args):
-    """A tiny Llama chat policy and a tiny Llama reward model, with byte-level tokenizers of different sizes and
-    different chat templates, and a synthetic prompt dataset in UltraFeedback's format (a few prompts too long, to be
-    dropped). The policy is fine-tuned for a few seconds on the synthetic `chosen` answers (the paper starts from chat
-    models too), so that it answers with a few words and ends its turn; the RM's head is normalised so that those
-    answers score mean 0, std 1."""
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-    if os.path.exists("runs/tiny_chat/done"):
-        return
-    g = random.Random(0)
-    torch.manual_seed(0)
-    tokenizer, rm_tokenizer = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=0)
-    tokenizer.chat_template, rm_tokenizer.chat_template = TINY_POLICY_TEMPLATE, TINY_RM_TEMPLATE
-    words = "cat dog rent job friend move car game date boss school money sister plan".split()
-    os.makedirs(f"{args.dataset}/data", exist_ok=True)
-    for split, n in [("train_prefs", 1024), ("test_prefs", 128)]:
-        with open(f"{args.dataset}/data/{split}-00000-of-00001.jsonl", "w") as f:
-            for i in range(n):
-                topic = " ".join(g.choice(words) for _ in range(g.randint(1, 3) if i % 50 else 20))
-                prompt = f"{g.choice(['Tell me about', 'What of', 'Why'])} {topic}?"
-                answers = [" ".join(g.choice(words) for _ in range(g.randint(1, 3))) for _ in range(2)]
-                f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
-                    k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
-                    for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    policy = LlamaForCausalLM(config)
-    chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
-    queries = [tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
-    queries = tokenizer(queries, add_special_tokens=False).input_ids
-    answers = tokenizer([c[1]["content"] + tokenizer.eos_token for c in chats], add_special_tokens=False).input_ids
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    for step in range(100):  # SFT: next-token loss on the answers
-        rows = torch.randint(len(chats), (32,)).tolist()
-        ids, mask, context_length, _ = pack([queries[i] for i in rows], [answers[i] for i in rows], 0, "cpu")
-        labels = torch.where(mask.bool(), ids, -100)
-        labels[:, :context_length] = -100  # the loss on the answers only
-        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    policy.save_pretrained(args.sft_model)
-    tokenizer.save_pretrained(args.sft_model)
-    rm_config = LlamaConfig(vocab_size=len(rm_tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256, num_labels=1,
-                            pad_token_id=rm_tokenizer.pad_token_id)
-    rm = LlamaForSequenceClassification(rm_config).eval()
-    with torch.no_grad():  # normalised like the paper's RMs: the SFT answers score mean 0 (the head has no bias: its
-        # weight is made orthogonal to their mean last hidden state), here with std 1
-        texts = [rm_tokenizer.apply_chat_template(c, tokenize=False) for c in chats[:256]]
-        ids, mask = pad(rm_tokenizer(texts, add_special_tokens=False).input_ids, 0, "cpu", left=False)
-        hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state[range(len(ids)), mask.sum(1) - 1]
-        mean = hidden.mean(0)
-        rm.score.weight -= (rm.score.weight @ mean) / (mean @ mean) * mean
-        rm.score.weight /= (hidden @ rm.score.weight[0]).std()
-    rm.save_pretrained(args.reward_model)
-    rm_tokenizer.save_pretrained(args.reward_model)
-    open("runs/tiny_chat/done", "w").close()
+class ArmoRewardModel(LlamaPreTrainedModel):
+    """ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1, the RM of Section 5.2.1) in its checkpoint's layout, without its remote
+    code (which imports a name that transformers 5 removed): a Llama backbone; `regression_layer`, 19 objectives read
+    at the conversation's last token; `gating`, an MLP over the hidden state where the prompt ends (the last
+    '<|eot_id|>' before an assistant header) with a softmax at `gating_temperature`, times `logit_scale`; and
+    score = gating weights . (objectives @ reward_transform_matrix)."""
+    gating_text = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+    def __init__(self, config):
+        super().__init__(config)
+        sizes = [config.hidden_size] + [config.gating_hidden_dim] * config.gating_n_hidden + [config.num_objectives]
+        self.model = LlamaModel(config)
+        self.regression_layer = nn.Linear(config.hidden_size, config.num_objectives, bias=False)
+        self.register_buffer("reward_transform_matrix", torch.eye(config.num_objectives))
+        self.gating = nn.Module()
+        self.gating.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.gating.logit_scale = nn.Parameter(torch.ones(1))
+        self.post_init()
+
+    def forward(self, input_ids, attention_mask, gating_index):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(len(hidden), device=hidden.device)
+        objectives = self.regression_layer(hidden[rows, attention_mask.sum(1) - 1])
+        x = hidden[rows, gating_index]
+        for layer in self.gating.layers[:-1]:
+            x = F.relu(layer(x))
+        weights = F.softmax(self.gating.layers[-1](x) / self.config.gating_temperature, 1) * self.gating.logit_scale
+        return (weights * (objectives @ self.reward_transform_matrix)).sum(1)
 
 
 class ChatRewardModel(nn.Module):
     """RM(x, y) of conversations [prompt turns..., assistant response], each rendered as text with the RM's own chat
     template and tokenized with the RM's own tokenizer: the policy's template and vocabulary may differ (Section 5.2
-    pairs OpenChat-3.5 with a Llama-2-based RM), so token ids are never spliced across tokenizers. A built-in sequence
-    classifier is run in batches with its linear `score` head read at each conversation's last token (no pad-token
-    convention needed); a custom-code RM (ArmoRM's output has a `score` field) is called one conversation at a time."""
+    pairs OpenChat-3.5 with a Llama-2-based RM), so token ids are never spliced across tokenizers. Run in batches,
+    right-padded: a sequence classifier's linear `score` head is read at each conversation's last token (no pad-token
+    convention needed); ArmoRM also gets the position where the prompt ends."""
 
     def __init__(self, model, tokenizer):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
-        self.per_token = type(model).__module__.startswith("transformers.") and \
-            isinstance(getattr(model, "score", None), nn.Linear)
 
     def forward(self, conversations):
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
         ids = self.tokenizer(texts, add_special_tokens=False).input_ids  # the template writes BOS where it wants one
-        device = next(self.model.parameters()).device
-        if self.per_token:
-            input_ids, attention_mask = pad(ids, 0, device, left=False)
-            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.model.score(hidden[torch.arange(len(ids)), attention_mask.sum(1) - 1])[:, 0].float()
-        scores = []
-        for i in ids:
-            output = self.model(input_ids=torch.tensor([i], device=device))
-            scores.append((output.score if hasattr(output, "score") else output.logits[:, 0]).float().item())
-        return torch.tensor(scores, device=device)
+        input_ids, attention_mask = pad(ids, 0, next(self.model.parameters()).device, left=False)
+        if isinstance(self.model, ArmoRewardModel):  # its gating reads the last occurrence of `gating_text`
+            pattern = self.tokenizer.encode(ArmoRewardModel.gating_text, add_special_tokens=False)
+            gating_index = [max(j for j in range(len(i)) if i[j: j + len(pattern)] == pattern) for i in ids]
+            return self.model(input_ids, attention_mask, torch.tensor(gating_index, device=input_ids.device)).float()
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.model.score(hidden[torch.arange(len(ids)), attention_mask.sum(1) - 1])[:, 0].float()
 
 
 def load_reward_model(name, dtype, trust_remote_code):
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    if AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).architectures == \
+            ["LlamaForRewardModelWithGating"]:  # ArmoRM
+        model = ArmoRewardModel.from_pretrained(name, dtype=dtype)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
     return ChatRewardModel(model, tokenizer)
+
+
+def shard(model, mp_policy):
+    """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`. With an FSDP2 `mp_policy` (full-parameter training under
+    torchrun), sharded without ever being whole on a device, nor in host memory on any rank but rank 0: rank 0 reads
+    the checkpoint on the CPU, the other ranks build the model on the meta device (no memory), every rank shards it,
+    and rank 0 broadcasts the weights, each rank keeping its shard, and its generation config (the end-of-turn tokens
+    of generation_config.json, which a model built from config.json lacks)."""
+    if mp_policy is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state, buffers = model.state_dict(), [b.clone() for b in model.buffers()]
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state = {}
+    generation_config = [model.generation_config]
+    dist.broadcast_object_list(generation_config)
+    model.generation_config = generation_config[0]
+    shard(model, mp_policy)
+    model.to_empty(device=device)
+    for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def frozen_copy(model, dtype, args, device, mp_policy=None):
+    """pi_0 for full-parameter training: a copy of the policy in `dtype`, made tensor by tensor (under FSDP2, shard by
+    shard from the sharded policy), so that no second whole fp32 model ever exists."""
+    with torch.device("meta"):
+        ref_policy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if mp_policy is not None:
+        shard(ref_policy, mp_policy)
+    ref_policy.to_empty(device=device)
+    with torch.no_grad():
+        for tensor, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
+                                                                                        *model.buffers()]):
+            tensor.copy_(original)
+    return ref_policy.eval().requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
+    that is set on the layers alone, so that the dropout modules inside them stay off (eval mode). No gradient is sent
+    down into a frozen bottom (--num_layers_unfrozen K > 0): non-reentrant checkpointing needs none."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.disable_input_require_grads()
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.training = True
 
 
 class SharedBottomReference(nn.Module):
@@ -265,10 +312,10 @@ class SharedBottomReference(nn.Module):
     def save_hidden(self, module, args):
         self.hidden = args[0].detach()
 
-    def forward(self, input_ids, attention_mask, position_ids, use_cache=False):
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False, logits_to_keep=0):
         assert self.hidden.shape[:2] == input_ids.shape, "run the policy on the same batch first"
         return self.top(inputs_embeds=self.hidden, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=use_cache)
+                        use_cache=use_cache, logits_to_keep=logits_to_keep)
 
 
 def to_messages(prompt):
@@ -339,66 +386,91 @@ def gathered(model):
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call with the KV cache, each stopping at its first end-of-turn
-    token (later positions hold padding). Under torchrun every rank steps until all are done (synced_gpus): FSDP2's
-    all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
+    token (later positions hold padding). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since
+    the all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                                      eos_token_id=list(args.eos_token_ids), pad_token_id=args.pad_token_id,
-                                     synced_gpus=dist.is_initialized())
+                                     synced_gpus=isinstance(model, FSDPModule))
     return query_responses[:, queries.shape[1]:]
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature):
-    """ln pi(y_h | x, y_<h) of every response token, from one forward pass at the sampling temperature. Positions count
-    real tokens only, as in generate(), so that the padding of a batch does not change the result."""
+def token_logprobs(logits, tokens, temperature, with_entropy):
+    """ln softmax(logits / temperature) at `tokens`, and the entropy if asked, from the logits of n sequences: these
+    fp32 copies of the logits exist for one chunk of sequences at a time."""
+    scaled = logits.float() / temperature
+    logsumexp = scaled.logsumexp(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = logsumexp - (scaled.softmax(-1) * scaled).sum(-1)
+    return scaled.gather(-1, tokens[..., None]).squeeze(-1) - logsumexp, entropy
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at the sampling temperature (B, T), and the per-token entropy if
+    asked, from one forward pass. Positions count real tokens only, as in generate(), so that the padding of a batch
+    does not change the result. The LM head runs at the response positions only (`logits_to_keep`), and the fp32
+    log-softmax one sequence at a time, recomputed in the backward pass (`checkpoint`), so that no fp32 copy of the
+    whole [B x T x vocabulary] logits is ever made or kept."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits[:, context_length - 1: -1]
-    logits = logits.float() / temperature
-    tokens = query_responses[:, context_length:, None]
-    return logits.gather(-1, tokens).squeeze(-1) - logits.logsumexp(-1), logits
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=query_responses.shape[1] - context_length + 1).logits[:, :-1]
+    tokens = query_responses[:, context_length:]
+    chunks = [checkpoint(token_logprobs, logits[i: i + 1], tokens[i: i + 1], temperature, with_entropy,
+                         use_reentrant=False) for i in range(len(logits))]
+    return torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks]) if with_entropy else None
 
 
-def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device, times):
-    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn,
-    sequence log-probs under pi_t and pi_0 (one forward each; the shared-bottom pi_0 reuses the policy's pass), and RM
-    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3). Adds to `times`."""
-    start = time.time()
+def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device):
+    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn, and,
+    in no-grad passes over micro-batches of `per_device_train_batch_size` prompts' responses, sequence log-probs under
+    pi_t and their KL term ln pi_t - ln pi_0 (0 without pi_0; the shared-bottom pi_0 reuses the policy's pass), and RM
+    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3). Also the seconds spent
+    generating, on log-probs and on the RM."""
+    tic = time.time()
     queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
     responses = generate(model, queries, query_mask, num_samples, args, temperature)
     eos_index, contains_eos = first_eos(responses, args.eos_token_ids)
     lengths = torch.where(contains_eos, eos_index + 1, responses.shape[1]).tolist()
     responses = [r[:n] for r, n in zip(responses.tolist(), lengths)]
     queries = [q for q in batch["query_token"] for _ in range(num_samples)]
-    times["generate"] += time.time() - start
-    times["tokens"] += sum(lengths)
+    seconds = {"generate": time.time() - tic}
 
-    start = time.time()
-    query_responses, attention_mask, context_length, response_mask = pack(queries, responses, args.pad_token_id, device)
-    logprobs, _ = response_logprobs(model, query_responses, attention_mask, context_length, args.temperature)
-    ref_logprobs, _ = response_logprobs(ref_policy, query_responses, attention_mask, context_length, args.temperature)
-    logprobs, ref_logprobs = (logprobs * response_mask).sum(1), (ref_logprobs * response_mask).sum(1)
-    times["logprobs"] += time.time() - start
+    tic = time.time()
+    micro_batch = args.per_device_train_batch_size * num_samples
+    chunks = [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]
+    logprobs, kl = [], []
+    for chunk in chunks:
+        query_responses, attention_mask, context_length, response_mask = pack(queries[chunk], responses[chunk],
+                                                                               args.pad_token_id, device)
+        logprobs.append((response_logprobs(model, query_responses, attention_mask, context_length,
+                                           args.temperature)[0] * response_mask).sum(1))
+        ref_logprobs = logprobs[-1] if ref_policy is None else (response_logprobs(
+            ref_policy, query_responses, attention_mask, context_length, args.temperature)[0] * response_mask).sum(1)
+        kl.append(logprobs[-1] - ref_logprobs)
+    seconds["logprobs"] = time.time() - tic
 
-    start = time.time()
+    tic = time.time()
     texts = [tokenizer.decode(r[: n - 1] if eos else r, skip_special_tokens=True)
              for r, n, eos in zip(responses, lengths, contains_eos.tolist())]
     prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
-    scores = reward_model([to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)])
+    conversations = [to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+    scores = torch.cat([reward_model(conversations[chunk]) for chunk in chunks])
     scores = torch.where(contains_eos, scores, args.penalty_reward_value)
-    times["reward"] += time.time() - start
-    return dict(queries=queries, responses=responses, prompts=prompts, texts=texts, logprobs=logprobs,
-                ref_logprobs=ref_logprobs, scores=scores, contains_eos=contains_eos,
-                lengths=torch.tensor(lengths, device=device, dtype=torch.float))
+    seconds["reward"] = time.time() - tic
+    return dict(queries=queries, responses=responses, prompts=prompts, texts=texts, logprobs=torch.cat(logprobs),
+                kl=torch.cat(kl), scores=scores, contains_eos=contains_eos,
+                lengths=torch.tensor(lengths, device=device, dtype=torch.float), seconds=seconds)
 
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta):
-    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+    """Eq. (1) times eta^2 for each pair of a batch: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
       ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
     Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
     ratios = logprobs - old_logprobs
-    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2)
 
 
 def learning_rate(args, update, step):
@@ -414,10 +486,19 @@ def learning_rate(args, update, step):
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
+def mean_over_ranks(metrics):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(metrics, values.tolist()))
+
+
 def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
     """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
-    learning rate and the data position follow. Written beside the last checkpoint, then swapped in: a crash while
-    saving leaves the previous checkpoint whole."""
+    learning rate and the data position follow; gathered on rank 0's CPU only. Written beside the last checkpoint,
+    then swapped in: a crash while saving leaves the previous checkpoint whole."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     if rank == 0:
@@ -441,9 +522,16 @@ def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
 
 
 def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
-    set_state_dict(policy, optimizer, model_state_dict=load_file(f"{path}/model.safetensors"),
-                   optim_state_dict=torch.load(f"{path}/optimizer.pt", weights_only=True),
-                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
+    """The inverse of save_checkpoint. Under FSDP2 rank 0 reads the weights and optimizer state and broadcasts them, so
+    that no other rank holds them whole in host memory; with frozen layers the checkpoint is small, and every rank
+    reads it."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    optimizer_state = torch.load(f"{path}/optimizer.pt", weights_only=True) if rank == 0 or not sharded else {}
+    # strict=False: the checkpoint holds the trainable weights only (set_state_dict would skip them on empty ranks)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
     rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     shuffle_generator.set_state(rng["shuffle"])
@@ -455,28 +543,107 @@ def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
 
 def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device, autocast):
     """Near-greedy answers to the held-out prompts: RM score (Gamma without end-of-turn, as in training),
-    KL(pi || pi_0), end-of-turn share, response length, and the sample table. Prompts are split over ranks."""
-    rows, sums = [], torch.zeros(4, device=device)
-    times = dict(generate=0.0, logprobs=0.0, reward=0.0, tokens=0)
+    KL(pi || pi_0) (when pi_0 is loaded), end-of-turn share, response length, and the sample table. Prompts are split
+    evenly over ranks."""
+    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl", "eval/eos_share", "eval/response_length"], 0.0)
+    if ref_policy is None:
+        del sums["eval/kl"]
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             out = sample_and_score(policy, ref_policy, reward_model, tokenizer, dataset[i: i + args.rollout_batch_size],
-                                   1, args.eval_temperature, args, device, times)
-            sums += torch.stack([out["scores"].sum(), (out["logprobs"] - out["ref_logprobs"]).sum(),
-                                 out["contains_eos"].sum(), out["lengths"].sum()]).float()
+                                   1, args.eval_temperature, args, device)
+            values = {"eval/scores": out["scores"], "eval/kl": out["kl"], "eval/eos_share": out["contains_eos"],
+                      "eval/response_length": out["lengths"]}
+            for key in sums:
+                sums[key] += values[key].float().sum()
             rows += [dict(prompt=p, response=t, score=s) for p, t, s in zip(out["prompts"], out["texts"],
                                                                            out["scores"].tolist())]
+    metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
     if dist.is_initialized():
-        dist.all_reduce(sums)
         gathered_rows = [None] * args.world_size
         dist.all_gather_object(gathered_rows, rows)
         rows = sum(gathered_rows, [])
-    sums /= len(rows)
-    return dict(zip(["eval/scores", "eval/kl", "eval/eos_share", "eval/response_length"], sums.tolist())), rows
+    return metrics, rows
+
+
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
+TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
+            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
+            rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
+# the tiny models' chat templates: byte-level tokenizers, each with its own format and end-of-turn marker
+TINY_POLICY_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
+                        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+TINY_RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def write_tiny_assets(args):
+    """Whichever is missing of: a synthetic prompt dataset in UltraFeedback's format (a few prompts too long, to be
+    dropped), a tiny Llama chat policy and a tiny Llama reward model, with byte-level tokenizers of different sizes
+    and different chat templates. The policy is fine-tuned for a few seconds on the synthetic `chosen` answers (the
+    paper starts from chat models too), so that it answers with a few words and ends its turn; the RM's head is
+    normalised so that those answers score mean 0, std 1."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    missing = [not os.path.exists(path) for path in [  # the last file of each asset
+        f"{args.dataset}/data/test_prefs-00000-of-00001.jsonl", f"{args.sft_model}/tokenizer_config.json",
+        f"{args.reward_model}/tokenizer_config.json"]]
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer, rm_tokenizer = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=0)
+    tokenizer.chat_template, rm_tokenizer.chat_template = TINY_POLICY_TEMPLATE, TINY_RM_TEMPLATE
+    if missing[0]:
+        words = "cat dog rent job friend move car game date boss school money sister plan".split()
+        os.makedirs(f"{args.dataset}/data", exist_ok=True)
+        for split, n in [("train_prefs", 1024), ("test_prefs", 128)]:
+            with open(f"{args.dataset}/data/{split}-00000-of-00001.jsonl", "w") as f:
+                for i in range(n):
+                    topic = " ".join(g.choice(words) for _ in range(g.randint(1, 3) if i % 50 else 20))
+                    prompt = f"{g.choice(['Tell me about', 'What of', 'Why'])} {topic}?"
+                    answers = [" ".join(g.choice(words) for _ in range(g.randint(1, 3))) for _ in range(2)]
+                    f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
+                        k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
+                        for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
+    if missing[1] or missing[2]:
+        chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
+    if missing[1]:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+                             tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        policy = LlamaForCausalLM(config)
+        queries = [tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
+        queries = tokenizer(queries, add_special_tokens=False).input_ids
+        answers = tokenizer([c[1]["content"] + tokenizer.eos_token for c in chats], add_special_tokens=False).input_ids
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+        for step in range(100):  # SFT: next-token loss on the answers
+            batch = torch.randint(len(chats), (32,)).tolist()
+            ids, mask, context_length, _ = pack([queries[i] for i in batch], [answers[i] for i in batch], 0, "cpu")
+            labels = torch.where(mask.bool(), ids, -100)
+            labels[:, :context_length] = -100  # the loss on the answers only
+            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        policy.save_pretrained(args.sft_model)
+        tokenizer.save_pretrained(args.sft_model)
+    if missing[2]:
+        rm_config = LlamaConfig(vocab_size=len(rm_tokenizer), hidden_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
+                                max_position_embeddings=256, num_labels=1, pad_token_id=rm_tokenizer.pad_token_id)
+        rm = LlamaForSequenceClassification(rm_config).eval()
+        with torch.no_grad():  # normalised like the paper's RMs: the SFT answers score mean 0 (the head has no bias:
+            # its weight is made orthogonal to their mean last hidden state), here with std 1
+            texts = [rm_tokenizer.apply_chat_template(c, tokenize=False) for c in chats[:256]]
+            ids, mask = pad(rm_tokenizer(texts, add_special_tokens=False).input_ids, 0, "cpu", left=False)
+            hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state[range(len(ids)), mask.sum(1) - 1]
+            mean = hidden.mean(0)
+            rm.score.weight -= (rm.score.weight @ mean) / (mean @ mean) * mean
+            rm.score.weight /= (hidden @ rm.score.weight[0]).std()
+        rm.save_pretrained(args.reward_model)
+        rm_tokenizer.save_pretrained(args.reward_model)
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+    args = tyro.cli(Args)
 
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
@@ -491,7 +658,8 @@ if __name__ == "__main__":
     if device.type == "cuda":
         torch.cuda.set_device(device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    frozen_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
         f"runs/chat__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -511,6 +679,9 @@ if __name__ == "__main__":
     train_data = load_prompts(args, tokenizer, args.train_split, rank)
     eval_data = load_prompts(args, tokenizer, args.eval_split, rank)
     num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    if num_eval == 0:
+        raise ValueError(f"evaluation needs at least one held-out prompt per rank: --eval_samples "
+                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
     eval_data = eval_data.select(range(rank, num_eval, args.world_size))
     if args.batch_size == 0:  # Section 5.2.1: the whole dataset, in whole minibatches
         unit = args.minibatch_size or args.world_size * args.per_device_train_batch_size
@@ -518,7 +689,8 @@ if __name__ == "__main__":
     args.minibatch_size = args.minibatch_size or args.batch_size
     args.num_minibatches = args.batch_size // args.minibatch_size
     args.local_batch_size = args.batch_size // args.world_size
-    args.gradient_accumulation_steps = args.minibatch_size // args.world_size // args.per_device_train_batch_size
+    local_minibatch = args.minibatch_size // args.world_size
+    args.gradient_accumulation_steps = local_minibatch // args.per_device_train_batch_size
     if args.batch_size < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size * args.world_size \
             * args.num_minibatches != args.batch_size or args.batch_size > len(train_data):
         raise ValueError(f"--batch_size {args.batch_size} must be a multiple of --minibatch_size "
@@ -533,23 +705,35 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + rank)
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
 
-    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off
+    # models: the policy pi_theta, the reference pi_0 (none if gamma = 0) and the reward model; eval() mode turns
+    # dropout off. `raw_policy` is the model itself, for generate and the no-grad passes; `policy` the same model as
+    # trained (DDP or FSDP2)
     frozen = args.num_layers_unfrozen > 0
-    policy = AutoModelForCausalLM.from_pretrained(args.sft_model, dtype=frozen_dtype if frozen else torch.float32,
-                                                  trust_remote_code=args.trust_remote_code).to(device).eval()
-    eos = policy.generation_config.eos_token_id  # the chat model's end-of-turn token(s), e.g. Llama-3's <|eot_id|>
+    fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not frozen \
+        else None  # full-parameter training under torchrun: the policy, pi_0 and the RM sharded with FSDP2
+    raw_policy = load_policy(args.sft_model, compute_dtype if frozen else torch.float32, args, device, rank,
+                             fsdp).eval()
+    eos = raw_policy.generation_config.eos_token_id  # the chat model's end-of-turn token(s), e.g. Llama-3's <|eot_id|>
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     args.eos_token_ids = tuple(sorted({tokenizer.eos_token_id, *eos}))
     if frozen:  # App. H.2.2: train the last K decoder layers, the final norm and an untied head, in float32
-        policy.requires_grad_(False)
-        head = [policy.lm_head] if policy.lm_head.weight is not policy.get_input_embeddings().weight else []
-        for module in [*policy.model.layers[-args.num_layers_unfrozen:], policy.model.norm, *head]:
+        raw_policy.requires_grad_(False)
+        head = [raw_policy.lm_head] if raw_policy.lm_head.weight is not raw_policy.get_input_embeddings().weight else []
+        for module in [*raw_policy.model.layers[-args.num_layers_unfrozen:], raw_policy.model.norm, *head]:
             module.float().requires_grad_(True)
-        ref_policy = SharedBottomReference(policy, args.num_layers_unfrozen, frozen_dtype)
-    else:
-        ref_policy = copy.deepcopy(policy).to(frozen_dtype).requires_grad_(False)
-    reward_model = load_reward_model(args.reward_model, frozen_dtype, args.trust_remote_code).to(device).eval()
-    reward_model.requires_grad_(False)
+    if args.kl_coef == 0:  # Section 5.2.1: no KL term, so no pi_0
+        ref_policy = None
+    elif frozen:  # the shared-bottom pi_0 (App. H.2.2)
+        ref_policy = SharedBottomReference(raw_policy, args.num_layers_unfrozen, compute_dtype)
+    else:  # a frozen copy in the compute dtype (sharded like the policy)
+        ref_policy = frozen_copy(raw_policy, compute_dtype, args, device, fsdp)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(raw_policy)
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code).requires_grad_(False)
+    if fsdp:  # sharded like pi_0, so that no rank holds a second whole model
+        shard(reward_model.model.base_model, fsdp)
+        fully_shard(reward_model, mp_policy=fsdp)
+    reward_model = reward_model.to(device).eval()
     if master:  # the run's arguments, complete once the end-of-turn tokens are known
         os.makedirs(run_dir, exist_ok=True)
         print(json.dumps(asdict(args), indent=1))
@@ -557,17 +741,14 @@ if __name__ == "__main__":
             import wandb
             wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
                        save_code=True)
-
-    model = policy  # the unwrapped policy, for generate and the no-grad passes
-    if distributed and frozen:
-        policy = DDP(policy, device_ids=[local_rank] if device.type == "cuda" else None)
-    elif distributed:  # full-parameter: FSDP2 shards each decoder layer, then the rest
-        mp_policy = MixedPrecisionPolicy(param_dtype=frozen_dtype, reduce_dtype=torch.float32)
-        for module in policy.modules():
-            if type(module).__name__ in policy._no_split_modules:
-                fully_shard(module, mp_policy=mp_policy)
-        fully_shard(policy, mp_policy=mp_policy)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps)
+    # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
+    # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
+    # last micro-step, as much memory as the fp32 model, which is what sharding is there to avoid.
+    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and frozen \
+        else raw_policy
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
+                                  weight_decay=args.weight_decay)
 
     start_update = 0
     if args.resume_from:
@@ -595,11 +776,15 @@ if __name__ == "__main__":
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
 
+    metrics = {}
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
-        eval_metrics, rows = evaluate(model, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
-        log({"update": 0, "episode": 0, **eval_metrics}, rows)
+        eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device,
+                                      autocast)
+        metrics = {"update": 0, "episode": 0, **eval_metrics}
+        log(metrics, rows)
 
     start_time = time.time()
+    skipped_in_a_row = 0  # optimizer steps with a non-finite gradient since the last finite one
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="iterations")
     for update in progress:
         eta = args.eta[update - 1] if len(args.eta) > 1 else args.eta[0]
@@ -611,107 +796,124 @@ if __name__ == "__main__":
         batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
 
         # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5): N responses per prompt from one
-        #    generate call, with their log-probs under pi_t and pi_0 and their RM scores (Gamma without end-of-turn)
+        #    generate call, with their log-probs under pi_t, their KL to pi_0 and their RM scores (Gamma without
+        #    end-of-turn). Only the pairs' tokens are kept, pair i in rows 2i and 2i+1 of what follows.
         rollout_start = time.time()
-        times = dict(generate=0.0, logprobs=0.0, reward=0.0, tokens=0)
-        queries, responses, logprobs, rewards, sums = [], [], [], [], torch.zeros(5, device=device)
-        with torch.no_grad(), gathered(model), autocast:
+        queries, responses, samples, paired, seconds = [], [], [], [], collections.Counter()
+        with torch.no_grad(), gathered(raw_policy), autocast:
             for i in range(0, args.local_batch_size, args.rollout_batch_size):
-                chunk = {k: v[i: i + args.rollout_batch_size] for k, v in batch.items()}
-                out = sample_and_score(model, ref_policy, reward_model, tokenizer, chunk, args.num_samples,
-                                       args.temperature, args, device, times)
+                out = sample_and_score(raw_policy, ref_policy, reward_model, tokenizer,
+                                       {k: v[i: i + args.rollout_batch_size] for k, v in batch.items()},
+                                       args.num_samples, args.temperature, args, device)
                 # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and the pair: with N = 2 the
-                #    two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1). Only the pairs are
-                #    kept, rows 2i and 2i+1 below.
-                kl = out["logprobs"] - out["ref_logprobs"]
-                reward = (out["scores"] - args.kl_coef * kl).view(-1, args.num_samples)
-                pair = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if args.num_samples > 2 else \
+                #    two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1)
+                out["rewards"] = out["scores"] - args.kl_coef * out["kl"]
+                reward = out["rewards"].view(-1, args.num_samples)
+                picks = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if args.num_samples > 2 else \
                     torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
-                rows = (pair + args.num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
-                queries += [out["queries"][r] for r in rows.tolist()[::2]]
-                responses += [out["responses"][r] for r in rows.tolist()]
-                logprobs.append(out["logprobs"][rows]), rewards.append(reward.flatten()[rows])
-                sums += torch.stack([out["scores"].sum(), kl.sum(), reward.sum(), out["contains_eos"].sum(),
-                                     out["lengths"].sum()]).float()
-        logprobs, rewards = torch.cat(logprobs), torch.cat(rewards)
+                pair = (picks + args.num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
+                queries += [out["queries"][s] for s in pair.tolist()[::2]]
+                responses += [out["responses"][s] for s in pair.tolist()]
+                paired.append(pair + i * args.num_samples)
+                samples.append({k: out[k] for k in ["logprobs", "scores", "kl", "rewards", "contains_eos", "lengths"]})
+                seconds.update(out["seconds"])
+        rollout = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
+        paired = torch.cat(paired)
+        logprobs, rewards = rollout["logprobs"][paired], rollout["rewards"][paired]
+        # --drop_truncated: a pair with a response that never ends its turn is left out of the regression
+        trained_on = rollout["contains_eos"][paired].view(-1, 2).all(1) if args.drop_truncated else \
+            torch.ones(args.local_batch_size, dtype=torch.bool, device=device)
         rollout_time = time.time() - rollout_start
 
         # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
         stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        skipped_steps = 0
         for epoch in range(args.num_epochs):
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
                 optimizer.param_groups[0]["lr"] = learning_rate(args, update, epoch * args.num_minibatches + minibatch)
+                minibatch_pairs = permutation[minibatch * local_minibatch: (minibatch + 1) * local_minibatch]
+                num_trained_on = trained_on[minibatch_pairs].sum().clamp(min=1)
                 for micro in range(args.gradient_accumulation_steps):
-                    start = minibatch * args.local_batch_size // args.num_minibatches \
-                        + micro * args.per_device_train_batch_size
-                    pairs = permutation[start: start + args.per_device_train_batch_size]
-                    rows = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
-                    last = micro == args.gradient_accumulation_steps - 1
-                    if hasattr(policy, "set_requires_gradient_sync"):  # FSDP2: reduce gradients on the last micro-step
-                        policy.set_requires_gradient_sync(last)
-                    else:  # DDP, likewise (a harmless attribute on an unwrapped model)
-                        policy.require_backward_grad_sync = last
+                    first = micro * args.per_device_train_batch_size
+                    pairs = minibatch_pairs[first: first + args.per_device_train_batch_size]
+                    seqs = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
                     query_responses, attention_mask, context_length, response_mask = pack(
-                        [queries[p] for p in pairs.tolist() for _ in range(2)], [responses[r] for r in rows.tolist()],
+                        [queries[p] for p in pairs.tolist() for _ in range(2)], [responses[s] for s in seqs.tolist()],
                         args.pad_token_id, device)
                     with autocast:
-                        new_logprobs, logits = response_logprobs(policy, query_responses, attention_mask,
-                                                                 context_length, args.temperature)
+                        new_logprobs, entropy = response_logprobs(policy, query_responses, attention_mask,
+                                                                  context_length, args.temperature, True)
                     new_logprobs = (new_logprobs * response_mask).sum(1)
-                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
-                                      eta)
-                    (loss / args.gradient_accumulation_steps).backward()
+                    losses = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
+                                        eta)
+                    loss = (losses * trained_on[pairs]).sum() / num_trained_on  # its share of the minibatch's mean
+                    loss.backward()
                     with torch.no_grad():
-                        probs = logits.softmax(-1)
-                        entropy = logits.logsumexp(-1) - (probs * logits).sum(-1)
                         entropy = (entropy * response_mask).sum() / response_mask.sum()
-                        approxkl = 0.5 * (new_logprobs - logprobs[rows]).pow(2).mean()
+                        approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
-                    del logits, probs
-                optimizer.step()
+                grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+                if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
+                    optimizer.step()
+                    skipped_in_a_row = 0
+                else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
+                    skipped_steps += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row == 3:
+                        raise FloatingPointError(
+                            f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
+                            f"({grad_norm.item()}); stopping. The last checkpoint ({run_dir}/checkpoint, if "
+                            "--save_every wrote one) is kept; resume from it with a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per iteration), evaluate, checkpoint
+        loss, approxkl, entropy = stats
         gaps = rewards[0::2] - rewards[1::2]  # tied pairs are kept: their term pulls the two log-ratios together
-        means = torch.stack([*(sums / (args.local_batch_size * args.num_samples)), (gaps == 0).float().mean(),
-                             gaps.abs().mean(), *stats.mean((1, 2, 3)), stats[0, 0].mean(), stats[0, -1].mean(),
-                             torch.tensor(times["tokens"] / times["generate"], device=device)])
-        if distributed:
-            dist.all_reduce(means)
-        means = (means / args.world_size).tolist()
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        metrics = {"update": update, "episode": episode, **dict(zip(
-            ["objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
-             "objective/response_length", "objective/tied_share", "objective/reward_gap", "rebel/loss",
-             "rebel/approxkl", "policy/entropy", "rebel/loss_first_epoch", "rebel/loss_last_epoch",
-             "perf/tokens_per_s"], means)),
-            "lr": optimizer.param_groups[0]["lr"], "eta": eta, "time/rollout_s": rollout_time,
-            "time/generate_s": times["generate"], "time/logprobs_s": times["logprobs"],
-            "time/reward_s": times["reward"], "time/update_s": update_time,
-            "eps": (episode - start_update * args.batch_size) / (time.time() - start_time),
-            "memory/peak_gb": peak_gb}
-        progress.set_postfix(score=f"{means[0]:.3f}", kl=f"{means[1]:.3f}", eos=f"{means[3]:.2f}")
+        metrics = {"update": update, "episode": episode, **mean_over_ranks({
+            "objective/scores": rollout["scores"].mean(),
+            **({"objective/kl": rollout["kl"].mean()} if ref_policy is not None else {}),
+            "objective/rewards": rollout["rewards"].mean(),
+            "objective/eos_share": rollout["contains_eos"].float().mean(),
+            "objective/response_length": rollout["lengths"].mean(), "objective/tied_share": (gaps == 0).float().mean(),
+            "objective/reward_gap": gaps.abs().mean(), "objective/dropped_share": 1 - trained_on.float().mean(),
+            "rebel/loss": loss.sum(-1).mean(), "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy.mean(),
+            "rebel/loss_first_epoch": loss[0].sum(-1).mean(), "rebel/loss_last_epoch": loss[-1].sum(-1).mean(),
+            "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"]}),
+            "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"], "eta": eta,
+            "time/rollout_s": rollout_time, "time/generate_s": seconds["generate"],
+            "time/logprobs_s": seconds["logprobs"], "time/reward_s": seconds["reward"], "time/update_s": update_time,
+            "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
+            "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", eos=f"{metrics['objective/eos_share']:.2f}")
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
-            eval_metrics, rows = evaluate(model, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
+            eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device,
+                                          autocast)
             metrics.update(eval_metrics)
         log(metrics, rows)
 
         if args.save_every and update % args.save_every == 0:
             save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
 
-    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained
-    if frozen:  # every rank holds the whole model (DDP replicates it)
-        final, model_state = model, None
-    else:  # gathered from the shards; written through the frozen copy, a plain module of the policy's class
-        final = ref_policy
+    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained, with the SFT
+    # model's generation config (its end-of-turn tokens): with frozen layers the model itself (DDP replicates it on
+    # every rank); else the full weights, gathered from the shards
+    if frozen and master:
+        raw_policy.save_pretrained(f"{run_dir}/model")
+    elif not frozen:
         model_state = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+        if master:
+            with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
+                model = AutoModelForCausalLM.from_config(raw_policy.config)
+            model.generation_config = raw_policy.generation_config
+            model.save_pretrained(f"{run_dir}/model", state_dict=model_state)
     if master:
-        final.save_pretrained(f"{run_dir}/model", state_dict=model_state)
         tokenizer.save_pretrained(f"{run_dir}/model")
         summary = {k: v for k, v in metrics.items()
                    if k.startswith(("eval/", "objective/", "time/", "memory/", "perf/"))}

@@ -22,7 +22,8 @@ def workdir(tmp_path_factory):
 
 def run_script(script, workdir, *flags, torchrun=False, check=True, env=None):
     """`python SCRIPT --tiny FLAGS` in `workdir`, or under torchrun with 2 CPU processes; checks that it exits 0."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun else [])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+        else [sys.executable]
     proc = subprocess.run(launcher + [f"{ROOT}/{script}", "--tiny", *flags], cwd=workdir, env=env or dict(os.environ),
                           capture_output=True, text=True, timeout=600)
     if check:

@@ -1,20 +1,33 @@
 """Specification of rebel_chat.py: prompts in the policy's chat template (over-long ones dropped and counted), rewards
-from an RM with its own tokenizer and template (Gamma without end-of-turn), a shared-bottom reference equal to a full
-frozen copy of pi_0, and end-to-end tiny runs (N = 2 with frozen layers, N = 4 best/worst in full-parameter mode,
-torchrun with DDP and FSDP2) that learn, save, reload and resume."""
+from an RM with its own tokenizer and template (Gamma without end-of-turn; ArmoRM without its remote code), log-probs
+from the response positions only, a shared-bottom reference equal to a full frozen copy of pi_0, and end-to-end tiny
+runs (N = 2 with frozen layers, N = 4 best/worst in full-parameter mode, torchrun with DDP and FSDP2) that learn, save,
+reload and resume, drop truncated pairs when asked, and stop on non-finite steps. Assertions on a run hold for any
+sample it draws, except that learning raises the held-out score."""
 import glob
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import rebel_chat
 from conftest import read_metrics, run_script
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline; one thread
 # per process: tiny models gain nothing from more, and on a shared CPU spinning threads cost several times the run time
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The same for the tests that run models in this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_llama(vocab_size=384, layers=4, seed=0):
@@ -35,6 +48,54 @@ def tiny_rm(tokenizer, template):
     return rebel_chat.ChatRewardModel(model, tokenizer)
 
 
+# a left-padded batch of prompts and right-padded responses of different lengths
+BATCH = dict(queries=[[5, 6, 7, 8], [9, 10]], responses=[[11, 12, 1], [13]], pad_id=0, device="cpu")
+
+
+def test_response_logprobs_equal_those_of_the_whole_logits():
+    """The LM head at the response positions only, and the fp32 log-softmax one sequence at a time under checkpoint:
+    the same log-probs, entropy and gradients as the log-softmax of the whole [B x T x vocabulary] logits."""
+    policy = tiny_llama()
+    ids, mask, context_length, response_mask = rebel_chat.pack(**BATCH)
+    logprobs, entropy = rebel_chat.response_logprobs(policy, ids, mask, context_length, 0.7, with_entropy=True)
+    (logprobs * response_mask).sum().backward()
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = policy(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, context_length - 1: -1]
+    logits = logits.float() / 0.7
+    expected = logits.gather(-1, ids[:, context_length:, None]).squeeze(-1) - logits.logsumexp(-1)
+    (expected * response_mask).sum().backward()
+    torch.testing.assert_close(logprobs, expected, atol=1e-6, rtol=0)
+    expected_entropy = logits.logsumexp(-1) - (logits.softmax(-1) * logits).sum(-1)
+    torch.testing.assert_close(entropy, expected_entropy.detach(), atol=1e-6, rtol=0)
+    for grad, p in zip(grads, policy.parameters()):
+        torch.testing.assert_close(grad, p.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_layers_in_eval_mode():
+    """--gradient_checkpointing: each decoder layer runs again in the backward pass although the policy is in eval
+    mode (dropout off), and the gradients are those without it."""
+    policy = tiny_llama()
+    ids, mask, context_length, response_mask = rebel_chat.pack(**BATCH)
+    calls = []
+    forward = policy.model.layers[0].mlp.forward
+    policy.model.layers[0].mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    grads = []
+    for checkpointing in [False, True]:
+        if checkpointing:
+            rebel_chat.enable_gradient_checkpointing(policy)
+        calls.clear()
+        logprobs, _ = rebel_chat.response_logprobs(policy, ids, mask, context_length, 0.7)
+        (logprobs * response_mask).sum().backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+        policy.zero_grad()
+        assert len(calls) == (2 if checkpointing else 1)
+    assert not policy.model.layers[0].self_attn.training
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_shared_bottom_reference_equals_a_full_frozen_copy():
     """With the bottom frozen, pi_0's top K layers on the policy's hidden state give pi_0's log-probs, however far the
     trained top has moved; the batch is left-padded prompts plus right-padded responses of different lengths."""
@@ -46,7 +107,7 @@ def test_shared_bottom_reference_equals_a_full_frozen_copy():
         for module in [*policy.model.layers[-2:], policy.model.norm, policy.lm_head]:
             for p in module.parameters():
                 p.add_(torch.randn_like(p))
-    ids, mask, context_length, response_mask = rebel_chat.pack([[5, 6, 7, 8], [9, 10]], [[11, 12, 1], [13]], 0, "cpu")
+    ids, mask, context_length, response_mask = rebel_chat.pack(**BATCH)
     with torch.no_grad():
         logprobs, _ = rebel_chat.response_logprobs(policy, ids, mask, context_length, 0.7)
         shared, _ = rebel_chat.response_logprobs(reference, ids, mask, context_length, 0.7)
@@ -57,7 +118,7 @@ def test_shared_bottom_reference_equals_a_full_frozen_copy():
 
 def test_reward_model_scores_through_its_own_template():
     """A conversation rendered with the RM's template and tokenizer scores what the RM gives the same text written by
-    hand; batching (right padding) changes nothing, and so does the one-at-a-time path of custom-code RMs."""
+    hand; batching (right padding) changes nothing."""
     from transformers import ByT5Tokenizer
     rm = tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
     conversations = [[{"role": "user", "content": "Why cat?"}, {"role": "assistant", "content": "dog"}],
@@ -67,8 +128,53 @@ def test_reward_model_scores_through_its_own_template():
         expected = torch.cat([rm.model(input_ids=torch.tensor([rm.tokenizer(t, add_special_tokens=False).input_ids]))
                               .logits[:, 0] for t in by_hand])
         torch.testing.assert_close(rm(conversations), expected)
-        rm.per_token = False  # as for ArmoRM: the model's own forward, one conversation at a time
-        torch.testing.assert_close(rm(conversations), expected)
+
+
+LLAMA3_TEMPLATE = ("{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content']"
+                   " + '<|eot_id|>' }}{% endfor %}")
+
+
+def test_armorm_loads_without_remote_code_and_scores_as_by_hand(tmp_path):
+    """A tiny checkpoint in ArmoRM's layout (its state-dict keys, its config.json keys, its remote-code architecture)
+    loads without --trust_remote_code and scores gating(h at the prompt's <|eot_id|>) . (W h_last @ T), here with the
+    Llama-3 template's text written through a byte-level tokenizer, batched with right padding."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaModel
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=259, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, pad_token_id=0)
+    backbone = LlamaModel(config).eval()
+    state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    gating = [torch.nn.Linear(a, b) for a, b in [(32, 16), (16, 16), (16, 16), (16, 19)]]
+    state |= {f"gating.layers.{i}.{k}": v for i, layer in enumerate(gating) for k, v in layer.state_dict().items()}
+    state |= {"regression_layer.weight": torch.randn(19, 32), "gating.logit_scale": torch.tensor([1.5]),
+              "reward_transform_matrix": torch.randn(19, 19)}
+    os.makedirs(tmp_path / "armo")
+    from safetensors.torch import save_file
+    save_file(state, tmp_path / "armo" / "model.safetensors")
+    with open(tmp_path / "armo" / "config.json", "w") as f:
+        json.dump(config.to_dict() | {
+            "architectures": ["LlamaForRewardModelWithGating"], "num_objectives": 19, "gating_temperature": 10,
+            "gating_hidden_dim": 16, "gating_n_hidden": 3,
+            "auto_map": {"AutoModelForSequenceClassification": "modeling_custom.LlamaForRewardModelWithGating"}}, f)
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    tokenizer.chat_template = LLAMA3_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "armo")
+    rm = rebel_chat.load_reward_model(str(tmp_path / "armo"), torch.float32, trust_remote_code=False)
+    assert isinstance(rm.model, rebel_chat.ArmoRewardModel)
+    chats = [("Why cat?", "dog"), ("Tell me about a plan?", "a job and a car")]
+    with torch.no_grad():
+        scores = rm([[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in chats])
+        for (prompt, response), score in zip(chats, scores):
+            head = f"<|start_header_id|>user<|end_header_id|>\n\n{prompt}"
+            ids = tokenizer(f"{head}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{response}<|eot_id|>",
+                            add_special_tokens=False).input_ids
+            hidden = backbone(input_ids=torch.tensor([ids])).last_hidden_state[0]
+            objectives = state["regression_layer.weight"] @ hidden[-1]
+            x = hidden[len(tokenizer(head, add_special_tokens=False).input_ids)]  # the prompt's <|eot_id|>
+            for layer in gating[:-1]:
+                x = torch.relu(layer(x))
+            weights = torch.softmax(gating[-1](x) / 10, 0) * 1.5
+            torch.testing.assert_close(score, weights @ (objectives @ state["reward_transform_matrix"]))
 
 
 class DataArgs:
@@ -99,7 +205,8 @@ def test_nectar_transcripts_become_chat_messages():
 
 def test_response_without_end_of_turn_scores_gamma():
     """sample_and_score cuts each response after its first end-of-turn (ids 1 or 2 here) and scores the decoded text
-    with the RM; a response that reaches max_new_tokens without one gets Gamma whatever the RM says."""
+    with the RM; a response that reaches max_new_tokens without one gets Gamma whatever the RM says. Log-probs and RM
+    scores come from micro-batches (of one response here)."""
     from transformers import ByT5Tokenizer
     policy, tokenizer = tiny_llama(), ByT5Tokenizer()
     rm = tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
@@ -108,17 +215,19 @@ def test_response_without_end_of_turn_scores_gamma():
     generated = torch.tensor([dog + [2, 0, 0], catnip])  # "dog" and end-of-turn, then padding; "catnip" never ends
     policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
     args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1, 2), max_new_tokens=6, temperature=0.7,
-                           penalty_reward_value=-4.0)
+                           penalty_reward_value=-4.0, per_device_train_batch_size=1)
     batch = {"prompt": ["Why cat?", "Why dog?"], "query_token": [[7, 8, 9], [10, 11]]}
-    times = dict(generate=0.0, logprobs=0.0, reward=0.0, tokens=0)
+    reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
     with torch.no_grad():
-        out = rebel_chat.sample_and_score(policy, rebel_chat.copy.deepcopy(policy), rm, tokenizer, batch, 1, 0.7, args,
-                                          "cpu", times)
+        out = rebel_chat.sample_and_score(policy, reference, rm, tokenizer, batch, 1, 0.7, args, "cpu")
         expected = rm([[{"role": "user", "content": "Why cat?"}, {"role": "assistant", "content": "dog"}]])
+        logprobs, _ = rebel_chat.response_logprobs(policy, *rebel_chat.pack([[7, 8, 9]], [dog + [2]], 0, "cpu")[:3],
+                                                   0.7)
     assert out["responses"] == [dog + [2], catnip] and out["texts"] == ["dog", "catnip"]
-    assert out["contains_eos"].tolist() == [True, False] and times["tokens"] == 10
+    assert out["contains_eos"].tolist() == [True, False] and out["lengths"].tolist() == [4, 6]
     torch.testing.assert_close(out["scores"], torch.stack([expected[0], torch.tensor(-4.0)]))
-    torch.testing.assert_close(out["logprobs"], out["ref_logprobs"])  # pi_t = pi_0 before any update
+    torch.testing.assert_close(out["logprobs"][0], logprobs.sum())
+    assert out["kl"].tolist() == [0, 0]  # pi_t = pi_0 before any update
 
 
 def test_learning_rate_schedules():
@@ -132,10 +241,32 @@ def test_learning_rate_schedules():
     assert rebel_chat.learning_rate(args, 1, 0) == 1.0 and rebel_chat.learning_rate(args, 3, 5) == pytest.approx(1 / 6)
 
 
+def test_tiny_defaults_apply_to_flags_not_given():
+    import tyro
+    args = tyro.cli(rebel_chat.Args, args=["--tiny", "--lr", "0.5"])
+    assert args.lr == 0.5  # given explicitly: kept
+    assert (args.batch_size, args.sft_model, args.num_layers_unfrozen) == (16, "runs/tiny_chat/sft", 2)  # TINY's
+    assert tyro.cli(rebel_chat.Args, args=[]).batch_size == 32  # the paper's
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """One folder for all runs, so that the tiny models and data are written once."""
     return tmp_path_factory.mktemp("runs")
+
+
+def test_tiny_assets_follow_their_paths(tmp_path, monkeypatch):
+    """An earlier tiny run's assets (here, their files) do not stop `--tiny --dataset DIR` from writing DIR, and are
+    not written again."""
+    monkeypatch.chdir(tmp_path)
+    earlier = ["runs/tiny_chat/prompts/data/test_prefs-00000-of-00001.jsonl", "runs/tiny_chat/sft/tokenizer_config.json",
+               "runs/tiny_chat/reward/tokenizer_config.json"]
+    for path in earlier:
+        os.makedirs(os.path.dirname(path))
+        open(path, "w").close()
+    rebel_chat.write_tiny_assets(rebel_chat.Args(tiny=True, dataset="runs/other/prompts"))
+    assert os.path.getsize("runs/other/prompts/data/train_prefs-00000-of-00001.jsonl") > 0
+    assert all(os.path.getsize(path) == 0 for path in earlier)
 
 
 def run(workdir, *flags, **kwargs):
@@ -157,12 +288,13 @@ def test_tiny_run_with_frozen_layers_learns_and_saves(workdir, tiny_run):
     proc, run_dir, metrics = tiny_run
     assert "train_prefs: dropped 21 of 1024 prompts longer than --max_prompt_length 64" in proc.stdout
     assert [m["update"] for m in metrics] == list(range(21))
-    before, after = metrics[0], metrics[-1]
-    # learning, judged on the held-out prompts: the RM score rises, and the policy still ends its turns
-    assert after["eval/scores"] > before["eval/scores"] + 0.5, (before, after)
-    assert after["eval/eos_share"] > 0.9
-    assert after["eval/kl"] > 0 and before["eval/kl"] == pytest.approx(0, abs=1e-4)
+    assert all(m["train/skipped_steps"] == 0 and m["objective/dropped_share"] == 0 for m in metrics[1:])
     assert all(m["perf/tokens_per_s"] > 0 and m["time/generate_s"] > 0 for m in metrics[1:])
+    before, after = metrics[0], metrics[-1]
+    # learning, judged on the held-out prompts: the RM score rises (-0.32 to 0.52 when measured; the one assertion
+    # that depends on the samples), and the KL to pi_0, exactly 0 before the first update, moves
+    assert after["eval/scores"] > before["eval/scores"] + 0.5, (before, after)
+    assert before["eval/kl"] == pytest.approx(0, abs=1e-4) and after["eval/kl"] != pytest.approx(0, abs=1e-4)
     with open(f"{run_dir}/alpaca_eval_update20.json") as f:
         outputs = json.load(f)
     assert len(outputs) == 64 and set(outputs[0]) == {"instruction", "output", "generator"}
@@ -172,6 +304,9 @@ def test_tiny_run_with_frozen_layers_learns_and_saves(workdir, tiny_run):
     for name in sft:  # only the last 2 of 4 layers, the final norm and the head were trained
         trained_part = name.startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))
         assert torch.equal(trained[name], sft[name]) != trained_part, name
+    # AdamW as the released code configures it: betas (0.9, 0.95), eps 1e-8, weight decay 1e-6
+    (group,) = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)["param_groups"]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-8, 1e-6)
 
 
 def test_resume_gives_the_same_metrics(workdir, tiny_run):
@@ -183,8 +318,20 @@ def test_resume_gives_the_same_metrics(workdir, tiny_run):
     assert [m["update"] for m in resumed] == list(range(21))
     for a, b in zip(straight[19:], resumed[19:]):
         for key in a:
-            if not key.startswith(("time/", "eps", "memory/", "perf/")):
+            if not key.startswith(("time/", "episodes_per_s", "memory/", "perf/")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+
+
+def test_resume_from_the_last_iteration_saves_and_exits(workdir, tiny_run, tmp_path):
+    """A checkpoint written at the run's last iteration (here 18 of 18): nothing to train, the model is saved."""
+    run_dir = shutil.copytree(tiny_run[1], tmp_path / "run")
+    run(workdir, "--exp_name", "e2e", "--resume_from", f"{run_dir}/checkpoint", "--num_iterations", "18")
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        assert [json.loads(line)["update"] for line in f] == list(range(19))
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():
+        assert torch.equal(saved[name], value), name
 
 
 def test_tiny_best_of_4_full_parameter_learns_and_tracks(workdir):
@@ -193,7 +340,6 @@ def test_tiny_best_of_4_full_parameter_learns_and_tracks(workdir):
     run_dir, metrics = metrics_of(workdir, "best_of_4")
     before, after = metrics[0], metrics[-1]
     assert after["eval/scores"] > before["eval/scores"] + 0.5, (before, after)
-    assert all(m["objective/reward_gap"] > 0 for m in metrics[1:])  # best minus worst of 4
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
     sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny_chat/sft").state_dict()
@@ -203,16 +349,55 @@ def test_tiny_best_of_4_full_parameter_learns_and_tracks(workdir):
         assert b"perf/tokens_per_s" in f.read()
 
 
-# Section 5.2.1 in miniature: the whole (sliced) train split as one batch, best/worst of 4, gamma = 0, one epoch of
-# minibatches per iteration with a cosine schedule restarted each iteration, and one eta per iteration
+def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
+    """Responses of at most 8 tokens, so that many never end their turn, scored Gamma = 1e6: a pair with one of them
+    in the regression would add about 1e12 to the loss. The pairs dropped are those with a truncated response (a share
+    between 1 and 2 times that of truncated responses), and the loss stays that of the others' RM scores. gamma = 0:
+    pi_0 is not run, and no KL is logged."""
+    run(workdir, "--exp_name", "drop", "--drop_truncated", "--max_new_tokens", "8", "--penalty_reward_value", "1e6",
+        "--kl_coef", "0", "--num_iterations", "2", "--eval_samples", "16")
+    _, metrics = metrics_of(workdir, "drop")
+    assert not any("kl" in key for m in metrics for key in m if key != "rebel/approxkl")
+    for m in metrics[1:]:
+        truncated = 1 - m["objective/eos_share"]
+        assert truncated - 1e-6 <= m["objective/dropped_share"] <= min(1, 2 * truncated) + 1e-6, m
+        assert m["rebel/loss"] < 1e3, m
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(workdir):
+    """eta = NaN makes every loss NaN: each optimizer step is skipped (the weights stay finite and unchanged) and
+    counted; the third in a row stops the run with an error naming the update, and the last checkpoint is kept, with
+    the AdamW hyperparameters given."""
+    # 2 optimizer steps per update (2 epochs, 1 minibatch): update 1 skips 2, update 2 stops at its first
+    proc = run(workdir, "--exp_name", "nan", "--eta", "nan", "--num_epochs", "2", "--num_iterations", "3",
+               "--save_every", "1", "--eval_samples", "16", "--adam_betas", "0.8", "0.9", "--adam_eps", "1e-6",
+               "--weight_decay", "0.01", check=False)
+    assert proc.returncode != 0
+    assert "FloatingPointError: update 2: 3 optimizer steps in a row had a non-finite loss or gradient norm" \
+        in proc.stderr
+    run_dir, metrics = metrics_of(workdir, "nan")
+    assert [m["update"] for m in metrics] == [0, 1] and metrics[1]["train/skipped_steps"] == 2
+    with open(f"{run_dir}/checkpoint/state.json") as f:
+        assert json.load(f)["update"] == 1
+    sft = load_file(f"{workdir}/runs/tiny_chat/sft/model.safetensors")
+    for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():
+        assert torch.equal(value, sft[name]), name
+    (group,) = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)["param_groups"]
+    assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.01)
+
+
+# Section 5.2.1 in miniature: the whole (sliced) train split as one batch, best/worst of 4, truncated pairs dropped,
+# one epoch of minibatches per iteration with a cosine schedule restarted each iteration, and one eta per iteration
+# (gamma is 0.05 here, not 0, so that the FSDP2-sharded pi_0 is exercised too)
 LARGE_BATCH = ["--num_layers_unfrozen", "0", "--train_split", "train_prefs[:70]", "--batch_size", "0",
-               "--minibatch_size", "16", "--num_epochs", "1", "--num_samples", "4", "--kl_coef", "0", "--lr", "3e-4",
-               "--lr_schedule", "cosine", "--warmup_ratio", "0.1", "--eta", "2", "1"]
+               "--minibatch_size", "16", "--num_epochs", "1", "--num_samples", "4", "--drop_truncated", "--lr", "3e-4",
+               "--lr_schedule", "cosine", "--warmup_ratio", "0.1", "--eta", "2", "1", "--gradient_checkpointing"]
 
 
 @pytest.mark.parametrize("mode", [[], LARGE_BATCH], ids=["ddp_frozen", "fsdp2_full_large_batch"])
 def test_torchrun_two_processes(workdir, mode):
-    """Under torchrun the ranks' responses differ in length (they stop at end-of-turn); FSDP2 still stays in step."""
+    """Two ranks stay in step whatever lengths their responses have (FSDP2's generate steps until all ranks are
+    done), and the trained model is saved whole."""
     exp_name = "torchrun_" + ("full" if mode else "frozen")
     run(workdir, "--exp_name", exp_name, "--num_iterations", "2", "--eval_samples", "16",
         "--per_device_train_batch_size", "4", *mode, torchrun=True)
@@ -220,9 +405,11 @@ def test_torchrun_two_processes(workdir, mode):
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
     with open(f"{run_dir}/alpaca_eval_update2.json") as f:
-        assert len({len(o["output"]) for o in json.load(f)}) > 1
+        assert len(json.load(f)) == 16  # both ranks' answers
     if mode:  # 68 prompts after the drop: a batch of 64 = 4 minibatches of 16 pairs; eta 2, then 1
         assert [m["episode"] for m in metrics] == [0, 64, 128] and [m["eta"] for m in metrics[1:]] == [2, 1]
         assert metrics[1]["lr"] == metrics[2]["lr"] < 3e-4 / 2  # the end of a cosine, restarted each iteration
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+    assert GenerationConfig.from_pretrained(f"{run_dir}/model").eos_token_id == 1  # the SFT model's end-of-turn
+

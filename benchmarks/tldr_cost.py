@@ -1,7 +1,8 @@
 """Fig. 2 of the REBEL paper on this machine: time per update, split into generation and policy update, and peak
-memory of REBEL, PPO and DPO on the same models and the same number of prompts per update, each measured by running
-the real script (rebel_tldr.py, ppo_tldr.py, dpo_tldr.py) as a subprocess for a few updates and reading its
-metrics.jsonl. Prints a markdown table with the ratios PPO/REBEL and DPO/REBEL.
+memory of its seven methods in its order (ascending win rate): DPO, REINFORCE, RLOO (k = 2), Iterative DPO, PPO,
+RLOO (k = 4) and REBEL, on the same models and the same number of prompts per update, each measured by running the
+real script (dpo_tldr.py, rloo_tldr.py --k 1/2/4, iterative_dpo_tldr.py, ppo_tldr.py, rebel_tldr.py) as a subprocess
+for a few updates and reading its metrics.jsonl. Prints a markdown table with each method's ratios to REBEL.
 
     python benchmarks/tldr_cost.py                      # tiny and 4 x 256 random models on CPU, a few minutes
     python benchmarks/tldr_cost.py --sizes tiny         # about a minute
@@ -38,7 +39,11 @@ SIZES = {  # name: (layers, hidden, prompts per update)
     "tiny": (2, 64, 32),
     "cpu-medium": (4, 256, 32),
 }
-METHODS = ["rebel", "ppo", "dpo"]
+METHODS = {  # Fig. 2's label: (script, flags)
+    "DPO": ("dpo", []), "REINFORCE": ("rloo", ["--k", "1"]), "RLOO (k=2)": ("rloo", ["--k", "2"]),
+    "Iterative DPO": ("iterative_dpo", []), "PPO": ("ppo", []), "RLOO (k=4)": ("rloo", ["--k", "4"]),
+    "REBEL": ("rebel", []),
+}
 
 
 @dataclass
@@ -54,15 +59,16 @@ class Args:
     updates: int = 3
     """updates per run; the first is a warm-up and is left out of the medians"""
     extra: str = ""
-    """further flags passed to all three scripts, e.g. "--lora_rank 1024 --response_length 53" """
+    """further flags passed to all the scripts, e.g. "--lora_rank 1024 --response_length 53" """
 
 
 def run_script(method, sft_model, reward_model, prompts, updates, extra):
-    exp = f"cost_{method}_{int(time.time() * 1000)}"
-    subprocess.run([sys.executable, f"{ROOT}/{method}_tldr.py", "--tiny", "--exp_name", exp, "--sft_model", sft_model,
+    script, flags = METHODS[method]
+    exp = f"cost_{script}_{int(time.time() * 1000)}"
+    subprocess.run([sys.executable, f"{ROOT}/{script}_tldr.py", "--tiny", "--exp_name", exp, "--sft_model", sft_model,
                     "--reward_model", reward_model, "--batch_size", str(prompts), "--rollout_batch_size", str(prompts),
                     "--per_device_train_batch_size", str(prompts // 2), "--total_episodes", str(updates * prompts),
-                    "--eval_every", str(updates), "--eval_samples", "8", *shlex.split(extra)],
+                    "--eval_every", str(updates), "--eval_samples", "8", *flags, *shlex.split(extra)],
                    env=ENV, check=True, capture_output=True)
     run_dir = [d for d in os.listdir("runs") if d.startswith(f"tldr__{exp}__")][0]
     with open(f"runs/{run_dir}/metrics.jsonl") as f:
@@ -92,10 +98,10 @@ if __name__ == "__main__":
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, shape, sft_model, reward_model, prompts in setups:
         results = {m: run_script(m, sft_model, reward_model, prompts, args.updates, args.extra) for m in METHODS}
-        base = results["rebel"]
+        base = results["REBEL"]
         for method, r in results.items():
             total = r["rollout"] + r["update"]
-            ratio = "1" if method == "rebel" else f"{total / (base['rollout'] + base['update']):.2f}"
-            peak_ratio = "1" if method == "rebel" else f"{r['peak'] / base['peak']:.2f}"
-            print(f"| {name} | {shape} | {prompts} | {method.upper()} | {r['rollout']:.2f} | {r['update']:.2f} | "
+            ratio = "1" if method == "REBEL" else f"{total / (base['rollout'] + base['update']):.2f}"
+            peak_ratio = "1" if method == "REBEL" else f"{r['peak'] / base['peak']:.2f}"
+            print(f"| {name} | {shape} | {prompts} | {method} | {r['rollout']:.2f} | {r['update']:.2f} | "
                   f"{total:.2f} | {r['peak']:.2f} | {ratio} | {peak_ratio} |", flush=True)

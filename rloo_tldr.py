@@ -1,0 +1,758 @@
+# RLOO and REINFORCE on TL;DR summarization, baselines of REBEL (Gao et al., NeurIPS 2024), Section 5.1, Table 1, Fig. 2
+# and Appendix H.1.3-H.1.5. The paper quotes them from Ahmadian et al. (2024), "Back to Basics", whom this follows:
+# REINFORCE on the whole response with REBEL's KL-penalised reward (Eq. 22), no clipping, no value network, one
+# on-policy gradient step per batch; each of the k responses to a prompt has the mean reward of the other k - 1 as its
+# baseline (RLOO, Kool et al., 2019), or with --k 1 (REINFORCE) the running mean of all rewards. A copy of
+# rebel_tldr.py in which only the algorithm differs: `diff rebel_tldr.py rloo_tldr.py`.
+#   python rloo_tldr.py --tiny                                   # tiny random models, CPU, about a minute
+#   torchrun --nproc_per_node 8 rloo_tldr.py --k 4               # the paper's 2.8B runs: --k 2, --k 4, --k 1
+import contextlib
+import csv
+import glob
+import json
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributions import Categorical
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (sampling seeds are offset by rank)"""
+    track: bool = False
+    """log to Weights and Biases (the same keys as metrics.jsonl)"""
+    wandb_project: str = "rebel_tldr"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    tiny: bool = False
+    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (where missing) and train on them,
+    on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set otherwise"""
+
+    # models and data (App. H.1.1-H.1.2); a hub ID or a local path
+    sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy; pi_0 and the initial pi_t"""
+    reward_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """the reward model: a backbone-plus-scalar-head checkpoint or an AutoModelForSequenceClassification one"""
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    """prompts: text columns `query` and `reference_response`, splits train and validation"""
+    trust_remote_code: bool = False
+    """allow models with custom code from the hub"""
+    query_length: int = 512
+    """longest prompt in tokens; longer prompts are dropped, and the count is printed"""
+    response_length: int = 53
+    """most tokens sampled per response (App. H.1.1); decoding stops early once every response has its EOS"""
+    temperature: float = 0.7
+    """sampling temperature: the released code's 0.7 (App. H.1.5's table says 0.1); log-probs use the same value"""
+    eval_temperature: float = 0.01
+    """near-greedy sampling for evaluation, as in the released code"""
+    penalty_reward_value: float = -1.0
+    """Gamma: the score of a response without EOS within `response_length` tokens (App. H.1.4)"""
+    kl_coef: float = 0.05
+    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22)"""
+
+    # RLOO and REINFORCE (Ahmadian et al., 2024; App. H.1.5)
+    k: int = 2
+    """responses per prompt: RLOO with the leave-one-out baseline (paper: 2 or 4); 1 is REINFORCE with the running
+    mean of all rewards so far as the baseline"""
+    total_episodes: int = 1_000_000
+    """prompts to train on in total (the released code's value); updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """prompts per update across all ranks; each gets k responses"""
+    num_epochs: int = 1
+    """passes over each batch: 1, a single on-policy gradient step as Ahmadian et al. take (App. H.1.5 lists no epochs
+    for RLOO and REINFORCE). The loss has no importance ratio, so later passes would follow a biased gradient"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
+    per_device_train_batch_size: int = 8
+    """prompts per forward/backward on one device, with their responses (gradient accumulation makes up the
+    minibatch); also the micro-batch of the no-grad passes that score the samples"""
+    rollout_batch_size: int = 16
+    """prompts per generate call on one device; all responses to a prompt come from one call"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0 over the run"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    lora_rank: int = 1024
+    """LoRA rank (paper: 1024 for 1.4B/2.8B); 0 trains all parameters (paper: 6.9B), sharded with FSDP2 under torchrun"""
+    lora_alpha: int = 2048
+    """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: less memory for full-parameter runs, more time"""
+
+    # evaluation and saving
+    eval_every: int = 100
+    """evaluate every this many updates, and always before the first and after the last"""
+    eval_samples: int = 0
+    """validation prompts to evaluate on; 0 for the whole split"""
+    save_every: int = 0
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+
+    # computed at run time
+    world_size: int = 1
+    """number of processes (computed at run time)"""
+    local_batch_size: int = 0
+    """prompts per update on one rank (computed at run time)"""
+    gradient_accumulation_steps: int = 0
+    """micro-batches per optimizer step (computed at run time)"""
+    num_updates: int = 0
+    """iterations t of Algorithm 1 (computed at run time)"""
+    eos_token_id: int = 0
+    """the tokenizer's EOS, which ends a response (computed at run time)"""
+    pad_token_id: int = 0
+    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
+
+    def __post_init__(self):
+        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
+            for name, value in TINY.items():
+                if getattr(self, name) == getattr(Args, name):
+                    setattr(self, name, value)
+
+
+class ScalarRewardModel(nn.Module):
+    """RM(x, y): a scalar head on the backbone's last hidden state, minus a constant bias, at every position."""
+
+    def __init__(self, lm_backbone, scalar_head, bias):
+        super().__init__()
+        self.lm_backbone, self.scalar_head, self.bias = lm_backbone, scalar_head, bias
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1).float() - self.bias
+
+
+def load_reward_model(name, dtype, trust_remote_code):
+    path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+        return ScalarRewardModel(model.base_model, model.score, 0.0)
+    # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
+    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1, dtype=dtype), config["bias"])
+    state = {}
+    for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
+        state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
+    model.load_state_dict(state)
+    return model
+
+
+def shard(model, mp_policy):
+    """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            fully_shard(module, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`. With an FSDP2 `mp_policy` (full-parameter training under
+    torchrun), sharded without ever being whole on a device, nor in host memory on any rank but rank 0: rank 0 reads
+    the checkpoint on the CPU, the other ranks build the model on the meta device (no memory), every rank shards it,
+    and rank 0 broadcasts the weights, each rank keeping its shard."""
+    if mp_policy is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state, buffers = model.state_dict(), [b.clone() for b in model.buffers()]
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+        state = {}
+    shard(model, mp_policy)
+    model.to_empty(device=device)
+    for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def frozen_copy(model, dtype, args, device, mp_policy=None):
+    """pi_0 for full-parameter training: a copy of the policy in `dtype`, made tensor by tensor (under FSDP2, shard by
+    shard from the sharded policy), so that no second whole fp32 model ever exists."""
+    with torch.device("meta"):
+        ref_policy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if mp_policy is not None:
+        shard(ref_policy, mp_policy)
+    ref_policy.to_empty(device=device)
+    with torch.no_grad():
+        for copy, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
+                                                                                      *model.buffers()]):
+            copy.copy_(original)
+    return ref_policy.eval().requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
+    that is set on the layers alone, so that the dropout modules inside them stay off (eval mode)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.training = True
+
+
+def load_prompts(args, tokenizer, split, rank):
+    dataset = load_dataset(args.dataset, split=split)
+    missing = {"query", "reference_response"} - set(dataset.column_names)
+    if missing:
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
+                         f"found {dataset.column_names}")
+
+    def tokenize(batch):
+        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
+        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
+                "reference_token": [(r if tokenizer.eos_token_id in r else r + [tokenizer.eos_token_id])
+                                    [: args.response_length] for r in references]}
+
+    dataset = dataset.map(tokenize, batched=True)
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.query_length)
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+    return dataset
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def first_eos(responses, eos_id):
+    """Index of each response's first EOS; response_length where there is none."""
+    is_eos = responses == eos_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
+    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    yield
+    for m in fsdp_modules:
+        m.reshard()
+        m.set_reshard_after_forward(True)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call, padded to `response_length` tokens. A response ends at
+    its first EOS: generate writes padding after it, and stops once every response has ended (the others' tokens are
+    drawn exactly as if it went on). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since the
+    all-gathers need the same number of forward passes on every rank."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
+                                     synced_gpus=isinstance(model, FSDPModule))
+    query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),
+                            value=args.pad_token_id)
+    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+
+
+def token_logprobs(logits, tokens, temperatures):
+    """ln softmax(logits / t) at `tokens` for each t in `temperatures` (k, n, T), from the logits of n sequences: these
+    fp32 copies of the logits exist for one chunk of sequences at a time."""
+    return torch.stack([(logits.float() / t).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+                        for t in temperatures])
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and the
+    per-token entropy at the first, from one forward pass. The LM head runs at the response positions only
+    (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
+    (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
+                                               device=query_responses.device)).logits
+    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
+                          in zip(logits.split(1), query_responses[:, context_length:].split(1))], 1)
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # a metric: computed once, outside the log-softmax that the backward pass recomputes
+        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperatures[0], validate_args=False).entropy()
+                                    for chunk in logits.split(1)])
+
+
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
+                     sample_temperature, args):
+    """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it,
+    so that pi, pi_0 and the RM below all see the truncated response), and, in no-grad passes over micro-batches of
+    `per_device_train_batch_size` prompts' responses: their sequence log-probs under pi and pi_0 up to the EOS, at the
+    training temperature on purpose (the regression's ln pi_t is that of the policy being trained, whatever the
+    sampler's temperature) and also at the sampling one (Table 1's KL of near-greedy evaluation samples); and the RM
+    score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
+    context_length = queries.shape[1]
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
+    eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=queries.device) <= eos_index[:, None]
+    temperatures = tuple(dict.fromkeys([args.temperature, sample_temperature]))  # the training one first, once
+    logprobs, ref_logprobs, scores = [], [], []
+    micro_batch = args.per_device_train_batch_size * num_samples
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(query_responses), micro_batch)]:
+        logprobs.append(response_logprobs(model, query_responses[rows], attention_mask[rows], context_length,
+                                          temperatures)[0])
+        with ref_context():
+            ref_logprobs.append(response_logprobs(ref_policy, query_responses[rows], attention_mask[rows],
+                                                  context_length, temperatures)[0])
+        scores.append(reward_model(query_responses[rows], attention_mask[rows])[:, context_length:])
+    logprobs = (torch.cat(logprobs, 1) * response_mask).sum(-1)  # (temperatures, B)
+    ref_logprobs = (torch.cat(ref_logprobs, 1) * response_mask).sum(-1)
+    scores = torch.cat(scores).gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    contains_eos = eos_index < args.response_length
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],
+                kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1], scores=scores)
+
+
+def rloo_advantages(rewards, baseline):
+    """A_i = r(x, y_i) - b_i for the k responses to each prompt, rewards (prompts, k). RLOO (Kool et al., 2019):
+      b_i = 1/(k-1) sum_{j != i} r(x, y_j),   the mean reward of the other responses to the same prompt,
+    independent of y_i, so the gradient stays unbiased. With k = 1 (REINFORCE), b_i = `baseline`."""
+    k = rewards.shape[1]
+    if k == 1:
+        return rewards - baseline
+    return rewards - (rewards.sum(1, keepdim=True) - rewards) / (k - 1)
+
+
+def reinforce_loss(logprobs, advantages):
+    """REINFORCE on whole responses (Williams, 1992), as Ahmadian et al. (2024): each response is one action and its
+    KL-penalised reward the return, so the gradient is -mean_i A_i grad ln pi_theta(y_i|x), with the sequence log-probs.
+    No per-token credit, no importance ratio, no clipping, no value network: Ahmadian et al. argue that PPO's machinery
+    is unneeded when fine-tuning from a strong SFT policy."""
+    return -(advantages * logprobs).mean()
+
+
+def mean_over_ranks(metrics):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
+    values = torch.stack([v.float() for v in metrics.values()])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return dict(zip(metrics, values.tolist()))
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank, baseline):
+    """Trainable weights (safetensors), optimizer state, every rank's RNG states, REINFORCE's baseline and the update
+    index, from which the learning rate and the data position follow; gathered on rank 0's CPU only. Written beside
+    the last checkpoint, then swapped in: a crash while saving leaves the previous checkpoint whole."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(f"{path}.tmp/state.json", "w") as f:
+            json.dump({"update": update, "baseline": baseline}, f)  # a float: JSON keeps it exactly
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(f"{path}.tmp", path)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    """The inverse of save_checkpoint. Under FSDP2 rank 0 reads the weights and optimizer state and broadcasts them, so
+    that no other rank holds them whole in host memory; a LoRA checkpoint is small, and every rank reads it."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    optimizer_state = torch.load(f"{path}/optimizer.pt", weights_only=True) if rank == 0 or not sharded else {}
+    # strict=False: the checkpoint holds the trainable weights only (set_state_dict would skip them on empty ranks)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
+    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    with open(f"{path}/state.json") as f:
+        state = json.load(f)
+    return state["update"], state["baseline"]
+
+
+def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
+    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
+    at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
+    score, EOS share, and the sample table. Prompts are split evenly over ranks."""
+    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl_at_eval_temperature", "eval/kl_at_train_temperature",
+                                    "eval/win_rate", "eval/eos_share"], 0.0)
+    with torch.no_grad(), gathered(policy), autocast:
+        for i in range(0, len(dataset), args.rollout_batch_size):
+            batch = dataset[i: i + args.rollout_batch_size]
+            queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+            out = sample_and_score(policy, ref_policy, ref_context, reward_model, queries, query_mask, 1,
+                                   args.eval_temperature, args)
+            references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
+            reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
+            reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
+            for key, values in zip(sums, [out["scores"], out["kl_at_sample_temperature"],
+                                          out["logprobs"] - out["ref_logprobs"], out["scores"] > reference_scores,
+                                          out["contains_eos"]]):
+                sums[key] += values.float().sum()
+            responses = [r[:n] for r, n in zip(out["query_responses"][:, queries.shape[1]:].tolist(),
+                                               out["response_mask"].sum(1).tolist())]
+            rows += [dict(query=q, response=tokenizer.decode(r, skip_special_tokens=True),
+                          reference=tokenizer.decode(ref, skip_special_tokens=True), score=s,
+                          reference_score=rs)
+                     for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
+                                                 out["scores"].tolist(), reference_scores.tolist())]
+    metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
+    if dist.is_initialized():
+        gathered_rows = [None] * args.world_size
+        dist.all_gather_object(gathered_rows, rows)
+        rows = sum(gathered_rows, [])
+    return metrics, rows
+
+
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
+            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
+            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
+
+
+def write_tiny_assets(args):
+    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
+    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
+    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
+    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
+    scores have standard deviation 1 and a mean near 0."""
+    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
+    written = [f"{args.dataset}/validation.jsonl", f"{args.sft_model}/tokenizer_config.json",
+               f"{args.reward_model}/tokenizer_config.json"]  # the last file of each asset
+    if all(os.path.exists(path) for path in written):
+        return
+    g = random.Random(0)
+    torch.manual_seed(0)
+    tokenizer = ByT5Tokenizer()
+    words = "cat dog rent job friend move car game date boss school money sister plan".split()
+    for split, n in [("train", 1024), ("validation", 128)]:
+        os.makedirs(args.dataset, exist_ok=True)
+        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+            for _ in range(n):
+                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
+                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
+                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
+                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    policy = GPTNeoXForCausalLM(config)
+    data = load_prompts(args, tokenizer, "train", 0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for step in range(300):  # SFT: next-token loss on the reference summaries
+        batch = data[torch.randint(len(data), (32,)).tolist()]
+        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
+        labels = torch.where(mask.bool(), ids, -100)
+        for row, q in enumerate(batch["query_token"]):
+            labels[row, : len(q)] = -100
+        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    policy.save_pretrained(args.sft_model)
+    tokenizer.save_pretrained(args.sft_model)
+    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
+    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
+    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
+        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
+        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
+        rm.scalar_head.weight /= scores.std()
+        rm.bias = (scores.mean() / scores.std()).item()
+    os.makedirs(args.reward_model, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
+    with open(f"{args.reward_model}/config.json", "w") as f:
+        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
+                   "bias": rm.bias}, f, indent=2)
+    tokenizer.save_pretrained(args.reward_model)
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+
+    # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank, args.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, local_rank = 0, 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    args.num_updates = args.total_episodes // args.batch_size
+    args.local_batch_size = args.batch_size // args.world_size
+    local_minibatch = args.local_batch_size // args.num_minibatches
+    args.gradient_accumulation_steps = local_minibatch // args.per_device_train_batch_size
+    if args.k < 1:
+        raise ValueError(f"--k {args.k}: at least one response per prompt")
+    if args.num_updates < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size \
+            * args.num_minibatches * args.world_size != args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {args.world_size} x "
+                         f"--num_minibatches {args.num_minibatches} x --per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size}, and at most --total_episodes {args.total_episodes}")
+
+    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
+        f"runs/tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if distributed:  # every rank writes into rank 0's folder
+        run_dir = [run_dir]
+        dist.broadcast_object_list(run_dir)
+        run_dir = run_dir[0]
+    run_name = os.path.basename(run_dir)
+    if args.tiny and master:
+        write_tiny_assets(args)
+    if distributed:
+        dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    args.eos_token_id = tokenizer.eos_token_id
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
+                       save_code=True)
+
+    torch.manual_seed(args.seed + rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off. `raw_policy`
+    # is the model itself, for generate and the no-grad passes; `policy` the same model as trained (DDP or FSDP2)
+    lora = args.lora_rank > 0
+    fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not lora \
+        else None  # full-parameter training under torchrun: the policy and pi_0 sharded with FSDP2
+    raw_policy = load_policy(args.sft_model, compute_dtype if lora else torch.float32, args, device, rank, fsdp).eval()
+    if lora:  # pi_0 is the same weights with the adapter disabled: no second copy
+        raw_policy = get_peft_model(raw_policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                           lora_dropout=0.0))
+        ref_policy, ref_context = raw_policy, raw_policy.disable_adapter
+    else:
+        ref_policy, ref_context = frozen_copy(raw_policy, compute_dtype, args, device, fsdp), contextlib.nullcontext
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(raw_policy)
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code).requires_grad_(False)
+    if fsdp:  # sharded like pi_0, so that no rank holds a second whole model
+        shard(reward_model.lm_backbone, fsdp)
+        fully_shard(reward_model, mp_policy=fsdp)
+    reward_model = reward_model.to(device).eval()
+    # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
+    # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
+    # last micro-step, 27.6 GB per GPU at 6.9B, which is what sharding is there to avoid (measured on CPU, 2 ranks,
+    # 4 micro-steps: 20% more time per update, as many reduce-scatters as micro-steps; see the README)
+    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and lora \
+        else raw_policy
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
+
+    train_data = load_prompts(args, tokenizer, "train", rank)
+    eval_data = load_prompts(args, tokenizer, "validation", rank)
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    if num_eval == 0:
+        raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
+                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    if usable == 0:
+        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
+
+    start_update, baseline = 0, 0.0
+    if args.resume_from:
+        start_update, baseline = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
+        if master:  # forget what the interrupted run logged after its checkpoint
+            with open(f"{run_dir}/metrics.jsonl") as f:
+                kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            with open(f"{run_dir}/metrics.jsonl", "w") as f:
+                f.writelines(kept)
+
+    def log(metrics, rows=None):
+        if not master:
+            return
+        with open(f"{run_dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if rows:
+            with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+        if args.track:
+            table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
+            wandb.log({**metrics, **table}, step=metrics["update"])
+
+    metrics = {}
+    if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
+        eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                      device, autocast)
+        metrics = {"update": 0, "episode": 0, **eval_metrics}
+        log(metrics, rows)
+
+    start_time = time.time()
+    skipped_in_a_row = 0  # optimizer steps with a non-finite gradient since the last finite one
+    progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
+    for update in progress:
+        optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
+        episode = update * args.batch_size
+        # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
+        start = (update - 1) * args.batch_size % usable
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+        batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
+        queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+        context_length = queries.shape[1]
+
+        # 1. k responses y_1..y_k ~ pi_t(.|x) to every prompt from one generate call, rows ki..ki+k-1 of every tensor below
+        rollout_start = time.time()
+        with torch.no_grad(), gathered(raw_policy), autocast:
+            chunks = [sample_and_score(raw_policy, ref_policy, ref_context, reward_model,
+                                       queries[i: i + args.rollout_batch_size], query_mask[i: i + args.rollout_batch_size],
+                                       args.k, args.temperature, args)
+                      for i in range(0, args.local_batch_size, args.rollout_batch_size)]
+        rollout = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+        query_responses, attention_masks, response_masks = (rollout[k] for k in ["query_responses", "attention_mask",
+                                                                                 "response_mask"])
+        logprobs, scores = rollout["logprobs"], rollout["scores"]
+        # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 22), with Gamma for no EOS in RM(x, y)
+        kl = logprobs - rollout["ref_logprobs"]
+        rewards = scores - args.kl_coef * kl
+        #    Advantages A = r - b: RLOO's b is the mean reward of the prompt's other k - 1 responses; REINFORCE's (k = 1)
+        #    the running mean of all rewards so far, this batch's included (Ahmadian et al.'s moving average, the same on
+        #    every rank) so that the first update has one too: a response's own share in it, 1/(update x batch_size),
+        #    is a negligible bias
+        baseline += (mean_over_ranks({"rewards": rewards.mean()})["rewards"] - baseline) / update
+        advantages = rloo_advantages(rewards.view(-1, args.k), baseline).flatten()
+        rollout_time = time.time() - rollout_start
+
+        # 3. REINFORCE: `num_epochs` passes (1: one on-policy step) of AdamW over shuffled minibatches of prompts
+        update_start = time.time()
+        stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        skipped_steps = 0
+        for epoch in range(args.num_epochs):
+            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    prompts = permutation[first: first + args.per_device_train_batch_size]
+                    seqs = (args.k * prompts[:, None] + torch.arange(args.k, device=device)).flatten()
+                    policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
+                    with autocast:
+                        new_logprobs, entropy = response_logprobs(policy, query_responses[seqs], attention_masks[seqs],
+                                                                  context_length, (args.temperature,), True)
+                    new_logprobs = (new_logprobs[0] * response_masks[seqs]).sum(1)
+                    loss = reinforce_loss(new_logprobs, advantages[seqs])
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        entropy = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
+                        approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
+                        stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
+                grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+                if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
+                    optimizer.step()
+                    skipped_in_a_row = 0
+                else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
+                    skipped_steps += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row == 3:
+                        raise FloatingPointError(
+                            f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
+                            f"({grad_norm.item()}); stopping. The last checkpoint ({run_dir}/checkpoint, if "
+                            "--save_every wrote one) is kept; resume from it with a lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
+        loss, approxkl, entropy = stats
+        metrics = {"update": update, "episode": episode, **mean_over_ranks({
+            "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
+            "objective/eos_share": rollout["contains_eos"].float().mean(), "rloo/loss": loss.mean(),
+            "rloo/approxkl": approxkl.mean(), "policy/entropy": entropy.mean()}), "rloo/baseline": baseline,
+            "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_time, "time/update_s": update_time,
+            "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
+            "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                             eos=f"{metrics['objective/eos_share']:.2f}")
+        rows = None
+        if update % args.eval_every == 0 or update == args.num_updates:
+            eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                          device, autocast)
+            metrics.update(eval_metrics)
+        log(metrics, rows)
+
+        if args.save_every and update % args.save_every == 0:
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank, baseline)
+
+    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained: with LoRA, the
+    # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards
+    if lora and master:
+        raw_policy.save_pretrained(f"{run_dir}/adapter")
+        merged = raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype)
+        merged.save_pretrained(f"{run_dir}/model")
+    elif not lora:
+        model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+        if master:
+            with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
+                model = AutoModelForCausalLM.from_config(raw_policy.config)
+            model.generation_config = raw_policy.generation_config  # rank 0's, read with the SFT checkpoint
+            model.save_pretrained(f"{run_dir}/model", state_dict=model_state)
+    if master:
+        tokenizer.save_pretrained(f"{run_dir}/model")
+        summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
+        print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
+        if args.track:
+            wandb.finish()
+    if distributed:
+        dist.destroy_process_group()

@@ -1,0 +1,115 @@
+"""Specification of iterative_dpo_tldr.py, the online DPO baseline of App. H.1.3 (Algorithm 2): the loss is Eq. (21),
+DPO against pi_t with the preference given by the reward, and the script runs end to end on tiny models (single process
+and torchrun with DDP+LoRA), learns, resumes exactly and rejects bad input."""
+import glob
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dpo_tldr
+import iterative_dpo_tldr
+from conftest import ROOT, read_metrics, run_script
+
+
+def test_loss_is_eq21_by_hand():
+    """-ln sigmoid(beta (ln pi/pi_t(y_w) - ln pi/pi_t(y_l))), y_w the response of larger reward, in column 0 or 1."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-3.0, -0.5], [-4.0, -6.0], [-2.0, -2.5]], requires_grad=True)
+    old_logprobs = torch.tensor([[-1.5, -1.0], [-2.0, -1.0], [-4.5, -5.0], [-2.0, -2.0]])
+    rewards = torch.tensor([[0.3, -0.2], [1.0, 2.0], [-1.0, 0.5], [0.7, 0.7]])  # y wins, y' wins, y' wins, a tie
+    beta = 0.5
+    by_hand = []
+    for (lp, lp2), (old, old2), (r, r2) in zip(logprobs.tolist(), old_logprobs.tolist(), rewards.tolist()):
+        (lw, ow), (ll, ol) = ((lp, old), (lp2, old2)) if r > r2 else ((lp2, old2), (lp, old))
+        margin = beta * (lw - ow) - beta * (ll - ol) if r != r2 else 0.0
+        by_hand.append(-math.log(1 / (1 + math.exp(-margin))))
+    loss = iterative_dpo_tldr.iterative_dpo_loss(logprobs, old_logprobs, rewards, beta)
+    assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand))
+    assert by_hand[3] == pytest.approx(math.log(2))
+    loss.backward()
+    assert (logprobs.grad[3] == 0).all()  # a tie teaches nothing, yet counts in the mean
+    # descending it raises ln pi of the preferred response and lowers the other
+    assert logprobs.grad[0, 0] < 0 < logprobs.grad[0, 1] and logprobs.grad[1, 1] < 0 < logprobs.grad[1, 0]
+    # DPO's loss (dpo_tldr.py) with pi_t as the reference and the pairs ordered by reward: the same numbers
+    order = (rewards[:3, 1] > rewards[:3, 0]).long()[:, None]
+    chosen_first = torch.cat([order, 1 - order], 1)
+    dpo, _ = dpo_tldr.dpo_loss(logprobs[:3].gather(1, chosen_first), old_logprobs[:3].gather(1, chosen_first), beta)
+    assert dpo.item() == pytest.approx(sum(by_hand[:3]) / 3)
+
+
+
+def run(workdir, *flags, **kwargs):
+    return run_script("iterative_dpo_tldr.py", workdir, *flags, **kwargs)
+
+
+def metrics_of(workdir, exp_name):
+    return read_metrics(workdir, f"tldr__{exp_name}")
+
+
+def test_tiny_run_learns_and_saves(workdir):
+    run(workdir, "--exp_name", "idpo_e2e")
+    run_dir, metrics = metrics_of(workdir, "idpo_e2e")
+    keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
+            "dpo/loss", "dpo/approxkl", "dpo/loss_first_epoch", "dpo/loss_last_epoch", "policy/entropy",
+            "train/skipped_steps", "lr", "time/rollout_s", "time/update_s", "episodes_per_s", "memory/peak_gb"}
+    assert [m["update"] for m in metrics] == list(range(len(metrics))) and len(metrics) > 10
+    assert all(keys <= set(m) for m in metrics[1:])
+    before, after = metrics[0], metrics[-1]
+    # learning, judged on the held-out prompts: the RM score (Gamma without EOS) rises
+    assert after["eval/scores"] > before["eval/scores"] + 0.05, (before, after)
+    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:
+        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    # every batch starts at pi_theta = pi_t, where Eq. (21) is ln 2 for every pair; the epochs bring it below
+    assert all(m["dpo/loss_first_epoch"] == pytest.approx(math.log(2), abs=1e-4) for m in metrics[1:])
+    assert sum(m["dpo/loss_last_epoch"] for m in metrics[1:]) / (len(metrics) - 1) < math.log(2) - 1e-3
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
+    weight = "gpt_neox.layers.0.attention.query_key_value.weight"
+    assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
+
+
+def test_resume_gives_the_same_metrics(workdir):
+    flags = ["--total_episodes", "128", "--eval_every", "2"]
+    run(workdir, "--exp_name", "idpo_straight", *flags)
+    # the same run, killed once its update-2 checkpoint exists, then resumed from it
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/iterative_dpo_tldr.py", "--tiny", "--exp_name", "idpo_killed",
+                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(f"{workdir}/runs/tldr__idpo_killed__*/checkpoint/state.json") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__idpo_killed__*/checkpoint")
+    with open(f"{checkpoint}/state.json") as f:
+        assert json.load(f)["update"] == 2
+    run(workdir, "--exp_name", "idpo_killed", "--resume_from", checkpoint, *flags)
+    _, straight = metrics_of(workdir, "idpo_straight")
+    _, resumed = metrics_of(workdir, "idpo_killed")
+    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if not key.startswith(("time/", "episodes_per_s", "memory/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+
+
+def test_torchrun_two_processes(workdir):
+    run(workdir, "--exp_name", "idpo_torchrun", "--total_episodes", "64", "--eval_samples", "16", torchrun=True)
+    run_dir, metrics = metrics_of(workdir, "idpo_torchrun")
+    assert [m["update"] for m in metrics] == [0, 1, 2]
+    assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+
+
+def test_indivisible_batch_sizes_are_rejected(workdir):
+    proc = run(workdir, "--batch_size", "30", "--per_device_train_batch_size", "16", check=False)
+    assert proc.returncode != 0
+    assert "--batch_size 30 must be a multiple of world size 1 x --num_minibatches 1 x " \
+           "--per_device_train_batch_size 16" in proc.stderr

@@ -1,0 +1,120 @@
+"""Specification of rloo_tldr.py, the RLOO and REINFORCE baselines (Ahmadian et al., 2024): the leave-one-out advantage
+and the REINFORCE loss are what the equations say, and the script runs end to end on tiny models (single process and
+torchrun with DDP+LoRA), learns, resumes exactly (REINFORCE's running baseline included) and rejects bad input."""
+import glob
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import rloo_tldr
+from conftest import ROOT, read_metrics, run_script
+
+
+def test_leave_one_out_advantages_by_hand():
+    # k = 2: each response's baseline is the other's reward
+    rewards = torch.tensor([[1.0, 3.0], [-0.5, 0.5]])
+    torch.testing.assert_close(rloo_tldr.rloo_advantages(rewards, baseline=100.0),
+                               torch.tensor([[1.0 - 3.0, 3.0 - 1.0], [-0.5 - 0.5, 0.5 + 0.5]]))
+    # k = 4: the mean of the other three, e.g. 1 - (2 + 3 + 6) / 3 = -8/3
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0]])
+    advantages = rloo_tldr.rloo_advantages(rewards, baseline=100.0)
+    torch.testing.assert_close(advantages, torch.tensor([[1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3]]))
+    # which is k/(k-1) times the reward minus the mean of all k: the advantages of a prompt sum to 0
+    torch.testing.assert_close(advantages, 4 / 3 * (rewards - rewards.mean()))
+    # k = 1 (REINFORCE): the given baseline, the running mean of past rewards
+    torch.testing.assert_close(rloo_tldr.rloo_advantages(torch.tensor([[0.5], [-1.0]]), baseline=0.2),
+                               torch.tensor([[0.3], [-1.2]]))
+
+
+def test_reinforce_loss_is_the_advantage_weighted_score_function():
+    logprobs = torch.tensor([-3.0, -1.0, -2.0, -5.0], requires_grad=True)  # ln pi_theta(y|x) of whole responses
+    advantages = torch.tensor([2.0, -2.0, 0.5, 0.0])
+    loss = rloo_tldr.reinforce_loss(logprobs, advantages)
+    assert loss.item() == pytest.approx(-(2 * -3 - 2 * -1 + 0.5 * -2 + 0) / 4)
+    loss.backward()
+    # descending it raises ln pi of responses with positive advantage, lowers it for negative, ignores A = 0
+    torch.testing.assert_close(logprobs.grad, -advantages / 4)
+
+
+
+def run(workdir, *flags, **kwargs):
+    return run_script("rloo_tldr.py", workdir, *flags, **kwargs)
+
+
+def metrics_of(workdir, exp_name):
+    return read_metrics(workdir, f"tldr__{exp_name}")
+
+
+def test_tiny_run_learns_and_saves(workdir):
+    run(workdir, "--exp_name", "rloo_e2e")
+    run_dir, metrics = metrics_of(workdir, "rloo_e2e")
+    keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
+            "rloo/loss", "rloo/approxkl", "rloo/baseline", "policy/entropy", "train/skipped_steps", "lr",
+            "time/rollout_s", "time/update_s", "episodes_per_s", "memory/peak_gb"}
+    assert [m["update"] for m in metrics] == list(range(len(metrics))) and len(metrics) > 10
+    assert all(keys <= set(m) for m in metrics[1:])
+    before, after = metrics[0], metrics[-1]
+    # learning, judged on the held-out prompts: the RM score (Gamma without EOS) rises
+    assert after["eval/scores"] > before["eval/scores"] + 0.05, (before, after)
+    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:
+        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    # one on-policy step per batch: the loss differentiates ln pi_t itself, the policy that sampled
+    assert all(m["rloo/approxkl"] < 1e-8 for m in metrics[1:])
+    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
+    weight = "gpt_neox.layers.0.attention.query_key_value.weight"
+    assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
+
+
+def test_reinforce_resumes_with_the_same_metrics_and_baseline(workdir):
+    """REINFORCE (--k 1), killed once its update-2 checkpoint exists and resumed from it, logs what the straight run
+    logs: the running baseline travels in the checkpoint."""
+    flags = ["--k", "1", "--total_episodes", "128", "--eval_every", "2"]
+    run(workdir, "--exp_name", "reinforce_straight", *flags)
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/rloo_tldr.py", "--tiny", "--exp_name", "reinforce_killed",
+                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(f"{workdir}/runs/tldr__reinforce_killed__*/checkpoint/state.json") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__reinforce_killed__*/checkpoint")
+    with open(f"{checkpoint}/state.json") as f:
+        assert json.load(f)["update"] == 2
+    run(workdir, "--exp_name", "reinforce_killed", "--resume_from", checkpoint, *flags)
+    _, straight = metrics_of(workdir, "reinforce_straight")
+    _, resumed = metrics_of(workdir, "reinforce_killed")
+    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if not key.startswith(("time/", "episodes_per_s", "memory/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+    # the baseline is the mean reward of all updates so far (a batch's mean reward is logged as objective/rewards)
+    for t in range(1, 5):
+        assert straight[t]["rloo/baseline"] == pytest.approx(
+            sum(m["objective/rewards"] for m in straight[1: t + 1]) / t, rel=1e-5)
+
+
+def test_torchrun_two_processes_with_four_samples(workdir):
+    run(workdir, "--exp_name", "rloo_torchrun", "--k", "4", "--total_episodes", "64", "--eval_samples", "16",
+        torchrun=True)
+    run_dir, metrics = metrics_of(workdir, "rloo_torchrun")
+    assert [m["update"] for m in metrics] == [0, 1, 2]
+    assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
+
+
+def test_indivisible_batch_sizes_are_rejected(workdir):
+    proc = run(workdir, "--batch_size", "30", "--per_device_train_batch_size", "16", check=False)
+    assert proc.returncode != 0
+    assert "--batch_size 30 must be a multiple of world size 1 x --num_minibatches 1 x " \
+           "--per_device_train_batch_size 16" in proc.stderr

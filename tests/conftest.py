@@ -1,8 +1,10 @@
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,3 +41,30 @@ def read_metrics(workdir, run_prefix):
     (run_dir,) = glob.glob(f"{workdir}/runs/{run_prefix}__*")
     with open(f"{run_dir}/metrics.jsonl") as f:
         return run_dir, [json.loads(line) for line in f]
+
+
+def assert_resume_reproduces(script, workdir, name, *flags):
+    """Run SCRIPT straight for 4 updates; run it again, SIGKILL it once its update-2 checkpoint exists and resume from
+    that: the resumed run logs the same metrics (timings aside). Returns both runs' metrics."""
+    flags = ["--total_episodes", "128", "--eval_every", "2", *flags]
+    run_script(script, workdir, "--exp_name", f"{name}_straight", *flags)
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/{script}", "--tiny", "--exp_name", f"{name}_killed",
+                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint/state.json") and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint")
+    with open(f"{checkpoint}/state.json") as f:
+        assert json.load(f)["update"] == 2
+    run_script(script, workdir, "--exp_name", f"{name}_killed", "--resume_from", checkpoint, *flags)
+    _, straight = read_metrics(workdir, f"tldr__{name}_straight")
+    _, resumed = read_metrics(workdir, f"tldr__{name}_killed")
+    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        for key in a:
+            if not key.startswith(("time/", "episodes_per_s", "memory/")):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+    return straight, resumed

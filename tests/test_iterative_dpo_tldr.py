@@ -1,20 +1,14 @@
 """Specification of iterative_dpo_tldr.py, the online DPO baseline of App. H.1.3 (Algorithm 2): the loss is Eq. (21),
 DPO against pi_t with the preference given by the reward, and the script runs end to end on tiny models (single process
 and torchrun with DDP+LoRA), learns, resumes exactly and rejects bad input."""
-import glob
-import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import dpo_tldr
 import iterative_dpo_tldr
-from conftest import ROOT, read_metrics, run_script
+from conftest import assert_resume_reproduces, read_metrics, run_script
 
 
 def test_loss_is_eq21_by_hand():
@@ -75,28 +69,7 @@ def test_tiny_run_learns_and_saves(workdir):
 
 
 def test_resume_gives_the_same_metrics(workdir):
-    flags = ["--total_episodes", "128", "--eval_every", "2"]
-    run(workdir, "--exp_name", "idpo_straight", *flags)
-    # the same run, killed once its update-2 checkpoint exists, then resumed from it
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/iterative_dpo_tldr.py", "--tiny", "--exp_name", "idpo_killed",
-                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not glob.glob(f"{workdir}/runs/tldr__idpo_killed__*/checkpoint/state.json") and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__idpo_killed__*/checkpoint")
-    with open(f"{checkpoint}/state.json") as f:
-        assert json.load(f)["update"] == 2
-    run(workdir, "--exp_name", "idpo_killed", "--resume_from", checkpoint, *flags)
-    _, straight = metrics_of(workdir, "idpo_straight")
-    _, resumed = metrics_of(workdir, "idpo_killed")
-    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
-        for key in a:
-            if not key.startswith(("time/", "episodes_per_s", "memory/")):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+    assert_resume_reproduces("iterative_dpo_tldr.py", workdir, "idpo")
 
 
 def test_torchrun_two_processes(workdir):

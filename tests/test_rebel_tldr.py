@@ -4,16 +4,14 @@ import glob
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import rebel_tldr
-from conftest import ROOT, read_metrics, run_script
+from conftest import assert_resume_reproduces, ROOT, read_metrics, run_script
 
 
 def tiny_policy(vocab_size=300, layers=2, hidden=32):
@@ -179,28 +177,7 @@ def test_torchrun_two_processes(workdir, mode):
 
 
 def test_resume_gives_the_same_metrics(workdir):
-    flags = ["--total_episodes", "128", "--eval_every", "2"]
-    run(workdir, "--exp_name", "straight", *flags)
-    # the same run, killed once its update-2 checkpoint exists, then resumed from it
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/rebel_tldr.py", "--tiny", "--exp_name", "killed",
-                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not glob.glob(f"{workdir}/runs/tldr__killed__*/checkpoint/state.json") and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__killed__*/checkpoint")
-    with open(f"{checkpoint}/state.json") as f:
-        assert json.load(f)["update"] == 2
-    run(workdir, "--exp_name", "killed", "--resume_from", checkpoint, *flags)
-    _, straight = metrics_of(workdir, "straight")
-    _, resumed = metrics_of(workdir, "killed")
-    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
-        for key in a:
-            if not key.startswith(("time/", "episodes_per_s", "memory/")):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+    assert_resume_reproduces("rebel_tldr.py", workdir, "rebel")
 
 
 def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_path):

@@ -1,18 +1,12 @@
 """Specification of rloo_tldr.py, the RLOO and REINFORCE baselines (Ahmadian et al., 2024): the leave-one-out advantage
 and the REINFORCE loss are what the equations say, and the script runs end to end on tiny models (single process and
 torchrun with DDP+LoRA), learns, resumes exactly (REINFORCE's running baseline included) and rejects bad input."""
-import glob
-import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
 import rloo_tldr
-from conftest import ROOT, read_metrics, run_script
+from conftest import assert_resume_reproduces, read_metrics, run_script
 
 
 def test_leave_one_out_advantages_by_hand():
@@ -76,27 +70,7 @@ def test_tiny_run_learns_and_saves(workdir):
 def test_reinforce_resumes_with_the_same_metrics_and_baseline(workdir):
     """REINFORCE (--k 1), killed once its update-2 checkpoint exists and resumed from it, logs what the straight run
     logs: the running baseline travels in the checkpoint."""
-    flags = ["--k", "1", "--total_episodes", "128", "--eval_every", "2"]
-    run(workdir, "--exp_name", "reinforce_straight", *flags)
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/rloo_tldr.py", "--tiny", "--exp_name", "reinforce_killed",
-                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not glob.glob(f"{workdir}/runs/tldr__reinforce_killed__*/checkpoint/state.json") and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__reinforce_killed__*/checkpoint")
-    with open(f"{checkpoint}/state.json") as f:
-        assert json.load(f)["update"] == 2
-    run(workdir, "--exp_name", "reinforce_killed", "--resume_from", checkpoint, *flags)
-    _, straight = metrics_of(workdir, "reinforce_straight")
-    _, resumed = metrics_of(workdir, "reinforce_killed")
-    assert [m["update"] for m in resumed] == [0, 1, 2, 3, 4]
-    for a, b in zip(straight, resumed):
-        for key in a:
-            if not key.startswith(("time/", "episodes_per_s", "memory/")):
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
+    straight, resumed = assert_resume_reproduces("rloo_tldr.py", workdir, "reinforce", "--k", "1")
     # the baseline is the mean reward of all updates so far (a batch's mean reward is logged as objective/rewards)
     for t in range(1, 5):
         assert straight[t]["rloo/baseline"] == pytest.approx(

@@ -505,21 +505,20 @@ TINY.update(preference_dataset="runs/tiny/tldr_preference", eval_pairs=64)
 
 
 def write_tiny_assets(args):
-    """A tiny GPT-NeoX SFT policy with a byte-level tokenizer, a random-weight GPT-NeoX reward model and a synthetic
-    dataset in the real dataset's format. The policy is fine-tuned for a few seconds on the synthetic references (the
-    paper starts from an SFT model too), so that its summaries end with EOS most of the time, and near-greedy
-    evaluation gives summaries rather than noise. The reward model's head is rescaled so that reference summaries'
-    scores have standard deviation 1 and a mean near 0."""
+    """Whichever is missing of: a synthetic dataset in the real dataset's format, a tiny GPT-NeoX SFT policy with a
+    byte-level tokenizer and a random-weight GPT-NeoX reward model. The policy is fine-tuned for a few seconds on the
+    synthetic references (the paper starts from an SFT model too), so that its summaries end with EOS most of the
+    time, and near-greedy evaluation gives summaries rather than noise. The reward model's head is rescaled so that
+    reference summaries' scores have standard deviation 1 and a mean near 0."""
     from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
-    written = [f"{args.dataset}/validation.jsonl", f"{args.sft_model}/tokenizer_config.json",
-               f"{args.reward_model}/tokenizer_config.json"]  # the last file of each asset
-    if all(os.path.exists(path) for path in written):
-        return
+    missing = [not os.path.exists(path) for path in [  # the last file of each asset
+        f"{args.dataset}/validation.jsonl", f"{args.sft_model}/tokenizer_config.json",
+        f"{args.reward_model}/tokenizer_config.json"]]
     g = random.Random(0)
     torch.manual_seed(0)
     tokenizer = ByT5Tokenizer()
     words = "cat dog rent job friend move car game date boss school money sister plan".split()
-    for split, n in [("train", 1024), ("validation", 128)]:
+    for split, n in [("train", 1024), ("validation", 128)] if missing[0] else []:
         os.makedirs(args.dataset, exist_ok=True)
         with open(f"{args.dataset}/{split}.jsonl", "w") as f:
             for _ in range(n):
@@ -527,23 +526,28 @@ def write_tiny_assets(args):
                 query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
                 summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
                 f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    if not (missing[1] or missing[2]):
+        return
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    policy = GPTNeoXForCausalLM(config)
     data = load_prompts(args, tokenizer, "train", 0)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-    for step in range(300):  # SFT: next-token loss on the reference summaries
-        batch = data[torch.randint(len(data), (32,)).tolist()]
-        ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", left=False)
-        labels = torch.where(mask.bool(), ids, -100)
-        for row, q in enumerate(batch["query_token"]):
-            labels[row, : len(q)] = -100
-        policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    policy.save_pretrained(args.sft_model)
-    tokenizer.save_pretrained(args.sft_model)
+    if missing[1]:
+        policy = GPTNeoXForCausalLM(config)
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+        for step in range(300):  # SFT: next-token loss on the reference summaries
+            batch = data[torch.randint(len(data), (32,)).tolist()]
+            ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", False)
+            labels = torch.where(mask.bool(), ids, -100)
+            for row, q in enumerate(batch["query_token"]):
+                labels[row, : len(q)] = -100
+            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        policy.save_pretrained(args.sft_model)
+        tokenizer.save_pretrained(args.sft_model)
+    if not missing[2]:
+        return
     # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
     rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
     with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
@@ -630,6 +634,20 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
     args.eos_token_id = tokenizer.eos_token_id
     args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # the data before the models, so that bad input (columns, sizes) fails in seconds, not after loading them
+    train_data = load_preferences(args, tokenizer, "train", rank)
+    eval_data = load_prompts(args, tokenizer, "validation", rank)
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    if num_eval == 0:
+        raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
+                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    eval_pairs = load_preferences(args, tokenizer, "validation", rank)
+    num_eval = min(args.eval_pairs or len(eval_pairs), len(eval_pairs)) // args.world_size * args.world_size
+    eval_pairs = eval_pairs.select(range(rank, max(num_eval, args.world_size), args.world_size))
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    if usable == 0:
+        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
     if master:
         os.makedirs(run_dir, exist_ok=True)
         print(json.dumps(asdict(args), indent=1))
@@ -669,19 +687,6 @@ if __name__ == "__main__":
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
-    train_data = load_preferences(args, tokenizer, "train", rank)
-    eval_data = load_prompts(args, tokenizer, "validation", rank)
-    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
-    if num_eval == 0:
-        raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
-                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
-    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
-    eval_pairs = load_preferences(args, tokenizer, "validation", rank)
-    num_eval = min(args.eval_pairs or len(eval_pairs), len(eval_pairs)) // args.world_size * args.world_size
-    eval_pairs = eval_pairs.select(range(rank, max(num_eval, args.world_size), args.world_size))
-    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
-    if usable == 0:
-        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
 
     start_update = 0
     if args.resume_from:
@@ -812,5 +817,6 @@ if __name__ == "__main__":
         print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
         if args.track:
             wandb.finish()
-    if distributed:
+    if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
+        dist.barrier()
         dist.destroy_process_group()

@@ -609,5 +609,6 @@ if __name__ == "__main__":
         print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
         if args.track:
             wandb.finish()
-    if distributed:
+    if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
+        dist.barrier()
         dist.destroy_process_group()

@@ -82,7 +82,8 @@ def test_tiny_run_learns_the_held_out_preferences(workdir):
 
 
 def test_torchrun_two_processes(workdir):
-    run(workdir, "--exp_name", "dpo_torchrun", "--total_episodes", "64", "--eval_pairs", "4", torchrun=True)
+    run(workdir, "--exp_name", "dpo_torchrun", "--total_episodes", "64", "--eval_pairs", "4", "--eval_samples", "16",
+        torchrun=True)
     run_dir, metrics = metrics_of(workdir, "dpo_torchrun")
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["dpo/reward_margin"] != 0  # the policy moved away from pi_0 after the first update

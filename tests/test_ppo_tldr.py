@@ -86,7 +86,7 @@ def test_tiny_run_learns_and_saves(workdir):
 @pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4"]], ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
     exp_name = "ppo_torchrun_" + ("full" if mode else "lora")
-    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", *mode, torchrun=True)
+    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", "--eval_samples", "16", *mode, torchrun=True)
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update

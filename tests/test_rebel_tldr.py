@@ -155,7 +155,7 @@ def test_tiny_run_learns_and_saves(workdir):
                          ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
     exp_name = "torchrun_" + ("full" if mode else "lora")
-    flags = ["--exp_name", exp_name, "--total_episodes", "64", "--save_every", "2", *mode]
+    flags = ["--exp_name", exp_name, "--total_episodes", "64", "--eval_samples", "16", "--save_every", "2", *mode]
     run(workdir, *flags, torchrun=True)
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
@@ -163,17 +163,17 @@ def test_torchrun_two_processes(workdir, mode):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     final = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
-    # resuming from the checkpoint of the last update: every rank loads its part, nothing is left to train, and the
-    # model is saved again, the same
+    if not mode:  # LoRA: every rank reads the small checkpoint, as the single-process resume test does
+        return
+    # resuming from the checkpoint of the last update: rank 0 reads it and broadcasts each rank's part, nothing is
+    # left to train, and the model is saved again, the same
     run(workdir, *flags, "--resume_from", f"{run_dir}/checkpoint", torchrun=True)
     assert [m["update"] for m in metrics_of(workdir, exp_name)[1]] == [0, 1, 2]
     resumed = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
     for key, value in final.items():
         torch.testing.assert_close(resumed[key], value)
-    if mode:  # full-parameter: the checkpoint holds the whole policy, which is the saved model
-        checkpoint = load_file(f"{run_dir}/checkpoint/model.safetensors")
-        for key, value in checkpoint.items():
-            torch.testing.assert_close(final[key], value)
+    for key, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():  # the whole policy
+        torch.testing.assert_close(final[key], value)
 
 
 def test_resume_gives_the_same_metrics(workdir):
@@ -243,15 +243,6 @@ def test_indivisible_batch_sizes_are_rejected(workdir):
            "--per_device_train_batch_size 16" in proc.stderr
 
 
-def test_track_writes_an_offline_wandb_run(workdir):
-    run(workdir, "--exp_name", "tracked", "--total_episodes", "32", "--track")
-    (run_file,) = glob.glob(f"{workdir}/wandb/offline-run-*/run-*.wandb")
-    with open(run_file, "rb") as f:
-        logged = f.read()
-    for key in [b"objective/scores", b"rebel/loss", b"eval/win_rate", b"memory/peak_gb"]:
-        assert key in logged
-
-
 def test_tiny_defaults_apply_to_flags_not_given():
     import tyro
     args = tyro.cli(rebel_tldr.Args, args=["--tiny", "--lr", "0.5", "--dataset", "elsewhere"])
@@ -261,11 +252,14 @@ def test_tiny_defaults_apply_to_flags_not_given():
 
 
 def test_tiny_assets_follow_their_paths(workdir, monkeypatch):
-    """An earlier tiny run does not stop `--tiny --dataset DIR` from writing DIR."""
+    """An earlier tiny run does not stop `--tiny --dataset DIR` from writing DIR, and the assets already there are
+    not written again."""
     monkeypatch.chdir(workdir)
     rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True))
+    written = {path: os.path.getmtime(path) for path in glob.glob("runs/tiny/*/*")}
     rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True, dataset="runs/tiny_other/tldr"))
     assert os.path.exists(f"{workdir}/runs/tiny_other/tldr/validation.jsonl")
+    assert {path: os.path.getmtime(path) for path in glob.glob("runs/tiny/*/*")} == written
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, tmp_path):
@@ -295,14 +289,20 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, tmp_path):
     assert all((w == 0).all() for k, w in weights.items() if "lora_B" in k)  # LoRA's initial B: nothing applied
 
 
-def test_minibatches_and_eval_temperature(workdir):
+def test_minibatches_eval_temperature_and_track(workdir):
     """--num_minibatches 2 takes two optimizer steps per epoch; --eval_temperature 1.0 samples the evaluation at the
-    training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy."""
+    training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy;
+    --track writes an offline wandb run with the metrics.jsonl keys."""
     run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
-        "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16")
+        "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
     _, metrics = metrics_of(workdir, "minibatches")
     assert [m["update"] for m in metrics] == [0, 1, 2] and metrics[-1]["objective/kl"] != 0
     assert metrics[-1]["eval/kl_at_eval_temperature"] != metrics[-1]["eval/kl_at_train_temperature"]
+    (run_file,) = glob.glob(f"{workdir}/wandb/offline-run-*/run-*.wandb")
+    with open(run_file, "rb") as f:
+        logged = f.read()
+    for key in [b"objective/scores", b"rebel/loss", b"eval/win_rate", b"memory/peak_gb"]:
+        assert key in logged
 
 
 def test_eval_samples_below_the_world_size_are_rejected(workdir):

@@ -72,7 +72,7 @@ def test_reinforce_resumes_with_the_same_metrics_and_baseline(workdir):
     logs: the running baseline travels in the checkpoint."""
     straight, resumed = assert_resume_reproduces("rloo_tldr.py", workdir, "reinforce", "--k", "1")
     # the baseline is the mean reward of all updates so far (a batch's mean reward is logged as objective/rewards)
-    for t in range(1, 5):
+    for t in range(1, 4):
         assert straight[t]["rloo/baseline"] == pytest.approx(
             sum(m["objective/rewards"] for m in straight[1: t + 1]) / t, rel=1e-5)
 

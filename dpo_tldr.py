@@ -286,10 +286,12 @@ def gathered(model):
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)
-    yield
-    for m in fsdp_modules:
-        m.reshard()
-        m.set_reshard_after_forward(True)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
@@ -385,7 +387,7 @@ def dpo_loss(logprobs, ref_logprobs, beta):
       -ln sigmoid( beta ln pi_theta(y_w|x)/pi_0(y_w|x) - beta ln pi_theta(y_l|x)/pi_0(y_l|x) )
     Also returns the implicit rewards beta ln pi_theta(y|x)/pi_0(y|x) of both columns."""
     rewards = beta * (logprobs - ref_logprobs)
-    return -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean(), rewards
+    return -F.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean(), rewards
 
 
 def evaluate_preferences(policy, ref_policy, ref_context, dataset, args, device, autocast):
@@ -686,7 +688,6 @@ if __name__ == "__main__":
         else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
-
 
     start_update = 0
     if args.resume_from:

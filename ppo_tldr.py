@@ -272,10 +272,12 @@ def gathered(model):
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)
-    yield
-    for m in fsdp_modules:
-        m.reshard()
-        m.set_reshard_after_forward(True)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
@@ -660,7 +662,6 @@ if __name__ == "__main__":
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
-
     start_update = 0
     if args.resume_from:
         start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
@@ -738,8 +739,8 @@ if __name__ == "__main__":
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
                 for micro in range(args.gradient_accumulation_steps):
-                    start = minibatch * local_minibatch + micro * args.per_device_train_batch_size
-                    rows = permutation[start: start + args.per_device_train_batch_size]
+                    first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    rows = permutation[first: first + args.per_device_train_batch_size]
                     policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
                     with autocast:
                         new_logprobs, entropy, new_values = policy(query_responses[rows], attention_masks[rows],

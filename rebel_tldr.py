@@ -262,10 +262,12 @@ def gathered(model):
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)
-    yield
-    for m in fsdp_modules:
-        m.reshard()
-        m.set_reshard_after_forward(True)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
@@ -592,7 +594,6 @@ if __name__ == "__main__":
         else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
-
 
     start_update = 0
     if args.resume_from:

@@ -268,10 +268,12 @@ def gathered(model):
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)
-    yield
-    for m in fsdp_modules:
-        m.reshard()
-        m.set_reshard_after_forward(True)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):

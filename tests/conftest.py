@@ -68,3 +68,24 @@ def assert_resume_reproduces(script, workdir, name, *flags):
             if not key.startswith(("time/", "episodes_per_s", "memory/")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
     return straight, resumed
+
+
+def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
+    """`SCRIPT --tiny` on the TL;DR tiny models: one metrics line per update with `keys`, the held-out RM score (Gamma
+    without EOS) up by more than `min_gain`, the KL to pi_0 0 before and positive after, no skipped step, and a saved
+    model whose LoRA is merged into its weights. Returns the run folder and the metrics."""
+    run_script(script, workdir, "--exp_name", name)
+    run_dir, metrics = read_metrics(workdir, f"tldr__{name}")
+    assert [m["update"] for m in metrics] == list(range(len(metrics))) and len(metrics) > 10
+    assert all(keys <= set(m) for m in metrics[1:])
+    before, after = metrics[0], metrics[-1]
+    assert after["eval/scores"] > before["eval/scores"] + min_gain, (before, after)
+    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:  # Table 1's, and at temperature 0.7
+        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
+    import torch
+    from transformers import AutoModelForCausalLM
+    weight = "gpt_neox.layers.0.attention.query_key_value.weight"
+    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()[weight]
+    assert not torch.equal(trained, AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft").state_dict()[weight])
+    return run_dir, metrics

@@ -8,7 +8,7 @@ import torch
 
 import dpo_tldr
 import iterative_dpo_tldr
-from conftest import assert_resume_reproduces, read_metrics, run_script
+from conftest import assert_resume_reproduces, assert_tiny_run_learns, read_metrics, run_script
 
 
 def test_loss_is_eq21_by_hand():
@@ -24,7 +24,6 @@ def test_loss_is_eq21_by_hand():
         by_hand.append(-math.log(1 / (1 + math.exp(-margin))))
     loss = iterative_dpo_tldr.iterative_dpo_loss(logprobs, old_logprobs, rewards, beta)
     assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand))
-    assert by_hand[3] == pytest.approx(math.log(2))
     loss.backward()
     assert (logprobs.grad[3] == 0).all()  # a tie teaches nothing, yet counts in the mean
     # descending it raises ln pi of the preferred response and lowers the other
@@ -46,26 +45,13 @@ def metrics_of(workdir, exp_name):
 
 
 def test_tiny_run_learns_and_saves(workdir):
-    run(workdir, "--exp_name", "idpo_e2e")
-    run_dir, metrics = metrics_of(workdir, "idpo_e2e")
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
             "dpo/loss", "dpo/approxkl", "dpo/loss_first_epoch", "dpo/loss_last_epoch", "policy/entropy",
             "train/skipped_steps", "lr", "time/rollout_s", "time/update_s", "episodes_per_s", "memory/peak_gb"}
-    assert [m["update"] for m in metrics] == list(range(len(metrics))) and len(metrics) > 10
-    assert all(keys <= set(m) for m in metrics[1:])
-    before, after = metrics[0], metrics[-1]
-    # learning, judged on the held-out prompts: the RM score (Gamma without EOS) rises
-    assert after["eval/scores"] > before["eval/scores"] + 0.05, (before, after)
-    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:
-        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    _, metrics = assert_tiny_run_learns("iterative_dpo_tldr.py", workdir, "idpo_e2e", keys, 0.05)
     # every batch starts at pi_theta = pi_t, where Eq. (21) is ln 2 for every pair; the epochs bring it below
     assert all(m["dpo/loss_first_epoch"] == pytest.approx(math.log(2), abs=1e-4) for m in metrics[1:])
     assert sum(m["dpo/loss_last_epoch"] for m in metrics[1:]) / (len(metrics) - 1) < math.log(2) - 1e-3
-    from transformers import AutoModelForCausalLM
-    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
-    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
-    weight = "gpt_neox.layers.0.attention.query_key_value.weight"
-    assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
 
 
 def test_resume_gives_the_same_metrics(workdir):

@@ -358,6 +358,7 @@ def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
         "--kl_coef", "0", "--num_iterations", "2", "--eval_samples", "16")
     _, metrics = metrics_of(workdir, "drop")
     assert not any("kl" in key for m in metrics for key in m if key != "rebel/approxkl")
+    assert any(m["objective/eos_share"] < 1 for m in metrics[1:])  # there were truncated responses to drop
     for m in metrics[1:]:
         truncated = 1 - m["objective/eos_share"]
         assert truncated - 1e-6 <= m["objective/dropped_share"] <= min(1, 2 * truncated) + 1e-6, m

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rebel_tldr
-from conftest import assert_resume_reproduces, ROOT, read_metrics, run_script
+from conftest import assert_resume_reproduces, assert_tiny_run_learns, read_metrics, ROOT, run_script
 
 
 def tiny_policy(vocab_size=300, layers=2, hidden=32):
@@ -123,29 +123,19 @@ def metrics_of(workdir, exp_name):
 
 
 def test_tiny_run_learns_and_saves(workdir):
-    run(workdir, "--exp_name", "e2e")
-    run_dir, metrics = metrics_of(workdir, "e2e")
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
             "rebel/loss", "rebel/approxkl", "policy/entropy", "train/skipped_steps", "lr", "time/rollout_s",
             "time/update_s", "episodes_per_s", "memory/peak_gb"}
-    assert [m["update"] for m in metrics] == list(range(21))
-    assert all(keys <= set(m) for m in metrics[1:])
+    run_dir, metrics = assert_tiny_run_learns("rebel_tldr.py", workdir, "e2e", keys, 0.1)
     before, after = metrics[0], metrics[-1]
-    # learning, judged on the held-out prompts: the RM score (Gamma without EOS) and the EOS share rise
-    assert after["eval/scores"] > before["eval/scores"] + 0.1, (before, after)
-    assert after["eval/eos_share"] > before["eval/eos_share"]
-    for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:  # Table 1's, and at temperature 0.7
-        assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
+    assert len(metrics) == 21 and after["eval/eos_share"] > before["eval/eos_share"]
     # the same log-ratio at temperature 0.01 is the one at 0.7 scaled up: about 70x on near-greedy samples
     assert after["eval/kl_at_eval_temperature"] > 5 * after["eval/kl_at_train_temperature"]
-    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
-    assert os.path.exists(f"{run_dir}/samples_update20.csv")
+    assert os.path.exists(f"{run_dir}/samples_update20.csv") and glob.glob(f"{run_dir}/model/*.safetensors")
     from transformers import AutoModelForCausalLM
     trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
     sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
-    assert glob.glob(f"{run_dir}/model/*.safetensors")
     weight = "gpt_neox.layers.0.attention.query_key_value.weight"
-    assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
     from peft import PeftModel  # and the adapter itself, on top of the SFT model: the same policy
     adapted = PeftModel.from_pretrained(sft, f"{run_dir}/adapter").merge_and_unload()
     torch.testing.assert_close(adapted.state_dict()[weight], trained.state_dict()[weight])

@@ -141,51 +141,49 @@ class ScalarRewardModel(nn.Module):
         self.lm_backbone, self.scalar_head, self.bias = lm_backbone, scalar_head, bias
 
     def forward(self, input_ids, attention_mask):
-        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
         return self.scalar_head(hidden).squeeze(-1).float() - self.bias
 
 
-def load_reward_model(name, dtype, trust_remote_code):
+def load_reward_model(name, dtype, trust_remote_code, meta=False):
+    """The reward model `name` in `dtype`, on the CPU; with `meta`, its structure alone on the meta device (no memory),
+    for the ranks that receive the weights from rank 0 (shard_from_rank0)."""
     path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
     with open(f"{path}/config.json") as f:
         config = json.load(f)
-    if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code)
-        return ScalarRewardModel(model.base_model, model.score, 0.0)
-    # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
-    backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
-    model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1, dtype=dtype), config["bias"])
-    state = {}
-    for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
-        state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
-    model.load_state_dict(state)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
+            model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code), dtype=dtype,
+                trust_remote_code=trust_remote_code) if meta else AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+            return ScalarRewardModel(model.base_model, model.score, 0.0)
+        # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
+        backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+        model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1, dtype=dtype), config["bias"])
+    if not meta:
+        state = {}
+        for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
+            state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
+        model.load_state_dict(state)
     return model
 
 
 def shard(model, mp_policy):
     """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    layers = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
     for module in model.modules():
-        if type(module).__name__ in model._no_split_modules:
+        if type(module).__name__ in layers:
             fully_shard(module, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
 
 
-def load_policy(name, dtype, args, device, rank, mp_policy=None):
-    """The causal LM `name` in `dtype` on `device`. With an FSDP2 `mp_policy` (full-parameter training under
-    torchrun), sharded without ever being whole on a device, nor in host memory on any rank but rank 0: rank 0 reads
-    the checkpoint on the CPU, the other ranks build the model on the meta device (no memory), every rank shards it,
-    and rank 0 broadcasts the weights, each rank keeping its shard."""
-    if mp_policy is None:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
-    if rank == 0:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        state, buffers = model.state_dict(), [b.clone() for b in model.buffers()]
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
-                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
-        state = {}
+def shard_from_rank0(model, mp_policy, device, rank):
+    """FSDP2 without a whole model on any device, nor in host memory on any rank but rank 0: rank 0's `model` holds the
+    weights on the CPU, the other ranks' is on the meta device (no memory); every rank shards it, and rank 0
+    broadcasts the weights, each rank keeping its shard."""
+    state, buffers = (model.state_dict(), [b.clone() for b in model.buffers()]) if rank == 0 else ({}, [])
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
@@ -194,6 +192,20 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
         dist.broadcast(buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
+    torchrun), read by rank 0 alone and sharded (shard_from_rank0)."""
+    if mp_policy is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+    return shard_from_rank0(model, mp_policy, device, rank)
 
 
 def frozen_copy(model, dtype, args, device, mp_policy=None):
@@ -320,8 +332,10 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
     """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and the
     per-token entropy at the first, from one forward pass. The LM head runs at the response positions only
     (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
-    (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept."""
+    (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept. Positions
+    count real tokens only, as in generate() and the released code, so that left padding does not change the result."""
     logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
                    logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
                                                device=query_responses.device)).logits
     logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
@@ -675,11 +689,10 @@ if __name__ == "__main__":
         ref_policy, ref_context = frozen_copy(raw_policy, compute_dtype, args, device, fsdp), contextlib.nullcontext
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(raw_policy)
-    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code).requires_grad_(False)
-    if fsdp:  # sharded like pi_0, so that no rank holds a second whole model
-        shard(reward_model.lm_backbone, fsdp)
-        fully_shard(reward_model, mp_policy=fsdp)
-    reward_model = reward_model.to(device).eval()
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code,
+                                     meta=fsdp is not None and rank > 0).requires_grad_(False).eval()
+    # under FSDP2 sharded like pi_0, so that no rank holds a second whole model
+    reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
     # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
     # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
     # last micro-step, 27.6 GB per GPU at 6.9B, which is what sharding is there to avoid (measured on CPU, 2 ranks,

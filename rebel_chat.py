@@ -212,44 +212,36 @@ class ChatRewardModel(nn.Module):
         return self.model.score(hidden[torch.arange(len(ids)), attention_mask.sum(1) - 1])[:, 0].float()
 
 
-def load_reward_model(name, dtype, trust_remote_code):
+def load_reward_model(name, dtype, trust_remote_code, meta=False):
+    """The reward model `name` in `dtype`, on the CPU, with its tokenizer; with `meta`, its structure alone on the meta
+    device (no memory), for the ranks that receive the weights from rank 0 (shard_from_rank0)."""
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    if AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).architectures == \
-            ["LlamaForRewardModelWithGating"]:  # ArmoRM
-        model = ArmoRewardModel.from_pretrained(name, dtype=dtype)
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    armo = config.architectures == ["LlamaForRewardModelWithGating"]  # ArmoRM
+    if meta:
+        with torch.device("meta"):
+            model = ArmoRewardModel(config).to(dtype) if armo else AutoModelForSequenceClassification.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code)
+        model = ArmoRewardModel.from_pretrained(name, dtype=dtype) if armo else \
+            AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     return ChatRewardModel(model, tokenizer)
 
 
 def shard(model, mp_policy):
     """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    layers = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
     for module in model.modules():
-        if type(module).__name__ in model._no_split_modules:
+        if type(module).__name__ in layers:
             fully_shard(module, mp_policy=mp_policy)
     fully_shard(model, mp_policy=mp_policy)
 
 
-def load_policy(name, dtype, args, device, rank, mp_policy=None):
-    """The causal LM `name` in `dtype` on `device`. With an FSDP2 `mp_policy` (full-parameter training under
-    torchrun), sharded without ever being whole on a device, nor in host memory on any rank but rank 0: rank 0 reads
-    the checkpoint on the CPU, the other ranks build the model on the meta device (no memory), every rank shards it,
-    and rank 0 broadcasts the weights, each rank keeping its shard, and its generation config (the end-of-turn tokens
-    of generation_config.json, which a model built from config.json lacks)."""
-    if mp_policy is None:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
-    if rank == 0:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        state, buffers = model.state_dict(), [b.clone() for b in model.buffers()]
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
-                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
-        state = {}
-    generation_config = [model.generation_config]
-    dist.broadcast_object_list(generation_config)
-    model.generation_config = generation_config[0]
+def shard_from_rank0(model, mp_policy, device, rank):
+    """FSDP2 without a whole model on any device, nor in host memory on any rank but rank 0: rank 0's `model` holds the
+    weights on the CPU, the other ranks' is on the meta device (no memory); every rank shards it, and rank 0
+    broadcasts the weights, each rank keeping its shard."""
+    state, buffers = (model.state_dict(), [b.clone() for b in model.buffers()]) if rank == 0 else ({}, [])
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
@@ -258,6 +250,24 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
         dist.broadcast(buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
+    torchrun), read by rank 0 alone and sharded (shard_from_rank0), and rank 0 broadcasts its generation config too
+    (the end-of-turn tokens of generation_config.json, which a model built from config.json lacks)."""
+    if mp_policy is None:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
+    if rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+    generation_config = [model.generation_config]
+    dist.broadcast_object_list(generation_config)
+    model.generation_config = generation_config[0]
+    return shard_from_rank0(model, mp_policy, device, rank)
 
 
 def frozen_copy(model, dtype, args, device, mp_policy=None):
@@ -424,12 +434,29 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
                                     for chunk in logits.split(1)])
 
 
+def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device):
+    """Sequence log-probs ln pi_t(y|x) of the responses and their KL term ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0;
+    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch` responses."""
+    logprobs, kl = [], []
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]:
+        query_responses, attention_mask, context_length, response_mask = pack(queries[rows], responses[rows],
+                                                                               args.pad_token_id, device)
+        logprobs.append((response_logprobs(model, query_responses, attention_mask, context_length,
+                                           args.temperature)[0] * response_mask).sum(1))
+        ref_logprobs = logprobs[-1] if ref_policy is None else (response_logprobs(
+            ref_policy, query_responses, attention_mask, context_length, args.temperature)[0] * response_mask).sum(1)
+        kl.append(logprobs[-1] - ref_logprobs)
+    return torch.cat(logprobs), torch.cat(kl)
+
+
 def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device):
-    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn, and,
-    in no-grad passes over micro-batches of `per_device_train_batch_size` prompts' responses, sequence log-probs under
-    pi_t and their KL term ln pi_t - ln pi_0 (0 without pi_0; the shared-bottom pi_0 reuses the policy's pass), and RM
-    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3). Also the seconds spent
-    generating, on log-probs and on the RM."""
+    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn; RM
+    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3); the rewards
+    r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); with N >= 2 samples, each prompt's pair (rows
+    2i, 2i+1 of `pair`): with N = 2 the two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1),
+    and ln pi_t of the pair's responses. The log-probs are computed for every response when the KL term needs them,
+    else (no pi_0: gamma = 0, as in Section 5.2.1) for the pair's responses only. Also the seconds spent generating,
+    on the RM and on log-probs."""
     tic = time.time()
     queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
     responses = generate(model, queries, query_mask, num_samples, args, temperature)
@@ -440,30 +467,31 @@ def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samp
     seconds = {"generate": time.time() - tic}
 
     tic = time.time()
-    micro_batch = args.per_device_train_batch_size * num_samples
-    chunks = [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]
-    logprobs, kl = [], []
-    for chunk in chunks:
-        query_responses, attention_mask, context_length, response_mask = pack(queries[chunk], responses[chunk],
-                                                                               args.pad_token_id, device)
-        logprobs.append((response_logprobs(model, query_responses, attention_mask, context_length,
-                                           args.temperature)[0] * response_mask).sum(1))
-        ref_logprobs = logprobs[-1] if ref_policy is None else (response_logprobs(
-            ref_policy, query_responses, attention_mask, context_length, args.temperature)[0] * response_mask).sum(1)
-        kl.append(logprobs[-1] - ref_logprobs)
-    seconds["logprobs"] = time.time() - tic
-
-    tic = time.time()
     texts = [tokenizer.decode(r[: n - 1] if eos else r, skip_special_tokens=True)
              for r, n, eos in zip(responses, lengths, contains_eos.tolist())]
     prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
     conversations = [to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-    scores = torch.cat([reward_model(conversations[chunk]) for chunk in chunks])
+    micro_batch = args.per_device_train_batch_size * num_samples
+    scores = torch.cat([reward_model(conversations[i: i + micro_batch]) for i in range(0, len(texts), micro_batch)])
     scores = torch.where(contains_eos, scores, args.penalty_reward_value)
     seconds["reward"] = time.time() - tic
-    return dict(queries=queries, responses=responses, prompts=prompts, texts=texts, logprobs=torch.cat(logprobs),
-                kl=torch.cat(kl), scores=scores, contains_eos=contains_eos,
-                lengths=torch.tensor(lengths, device=device, dtype=torch.float), seconds=seconds)
+
+    tic = time.time()
+    out = dict(queries=queries, responses=responses, prompts=prompts, texts=texts, scores=scores,
+               contains_eos=contains_eos, lengths=torch.tensor(lengths, device=device, dtype=torch.float))
+    if ref_policy is not None:
+        out["logprobs"], out["kl"] = sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device)
+    out["rewards"] = scores - args.kl_coef * out["kl"] if ref_policy is not None else scores
+    if num_samples > 1:
+        reward = out["rewards"].view(-1, num_samples)
+        picks = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if num_samples > 2 else \
+            torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
+        out["pair"] = (picks + num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
+        out["pair_logprobs"] = out["logprobs"][out["pair"]] if ref_policy is not None else sequence_logprobs(
+            model, None, [queries[i] for i in out["pair"].tolist()], [responses[i] for i in out["pair"].tolist()],
+            2 * args.per_device_train_batch_size, args, device)[0]
+    seconds["logprobs"] = time.time() - tic
+    return out | {"seconds": seconds}
 
 
 def rebel_loss(logprobs, old_logprobs, rewards, eta):
@@ -553,7 +581,7 @@ def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device,
         for i in range(0, len(dataset), args.rollout_batch_size):
             out = sample_and_score(policy, ref_policy, reward_model, tokenizer, dataset[i: i + args.rollout_batch_size],
                                    1, args.eval_temperature, args, device)
-            values = {"eval/scores": out["scores"], "eval/kl": out["kl"], "eval/eos_share": out["contains_eos"],
+            values = {"eval/scores": out["scores"], "eval/kl": out.get("kl"), "eval/eos_share": out["contains_eos"],
                       "eval/response_length": out["lengths"]}
             for key in sums:
                 sums[key] += values[key].float().sum()
@@ -730,11 +758,10 @@ if __name__ == "__main__":
         ref_policy = frozen_copy(raw_policy, compute_dtype, args, device, fsdp)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(raw_policy)
-    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code).requires_grad_(False)
-    if fsdp:  # sharded like pi_0, so that no rank holds a second whole model
-        shard(reward_model.model.base_model, fsdp)
-        fully_shard(reward_model, mp_policy=fsdp)
-    reward_model = reward_model.to(device).eval()
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code,
+                                     meta=fsdp is not None and rank > 0).requires_grad_(False).eval()
+    # under FSDP2 sharded like pi_0, so that no rank holds a second whole model
+    reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
     if master:  # the run's arguments, complete once the end-of-turn tokens are known
         os.makedirs(run_dir, exist_ok=True)
         print(json.dumps(asdict(args), indent=1))
@@ -798,30 +825,26 @@ if __name__ == "__main__":
         batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
 
         # 1. Collect D_t = {x, y, y'} with y, y' ~ pi_t(.|x) (Algorithm 1, line 5): N responses per prompt from one
-        #    generate call, with their log-probs under pi_t, their KL to pi_0 and their RM scores (Gamma without
-        #    end-of-turn). Only the pairs' tokens are kept, pair i in rows 2i and 2i+1 of what follows.
+        #    generate call, with their RM scores (Gamma without end-of-turn) and KL to pi_0. Only the pairs' tokens
+        #    and log-probs under pi_t are kept, pair i in rows 2i and 2i+1 of what follows.
         rollout_start = time.time()
-        queries, responses, samples, paired, seconds = [], [], [], [], collections.Counter()
+        queries, responses, samples, paired, logprobs, seconds = [], [], [], [], [], collections.Counter()
         with torch.no_grad(), gathered(raw_policy), autocast:
             for i in range(0, args.local_batch_size, args.rollout_batch_size):
+                # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and each prompt's pair
                 out = sample_and_score(raw_policy, ref_policy, reward_model, tokenizer,
                                        {k: v[i: i + args.rollout_batch_size] for k, v in batch.items()},
                                        args.num_samples, args.temperature, args, device)
-                # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and the pair: with N = 2 the
-                #    two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1)
-                out["rewards"] = out["scores"] - args.kl_coef * out["kl"]
-                reward = out["rewards"].view(-1, args.num_samples)
-                picks = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if args.num_samples > 2 else \
-                    torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
-                pair = (picks + args.num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
-                queries += [out["queries"][s] for s in pair.tolist()[::2]]
-                responses += [out["responses"][s] for s in pair.tolist()]
-                paired.append(pair + i * args.num_samples)
-                samples.append({k: out[k] for k in ["logprobs", "scores", "kl", "rewards", "contains_eos", "lengths"]})
+                queries += [out["queries"][s] for s in out["pair"].tolist()[::2]]
+                responses += [out["responses"][s] for s in out["pair"].tolist()]
+                paired.append(out["pair"] + i * args.num_samples)
+                logprobs.append(out["pair_logprobs"])
+                keys = ["scores", "rewards", "contains_eos", "lengths"] + (["kl"] if ref_policy is not None else [])
+                samples.append({k: out[k] for k in keys})
                 seconds.update(out["seconds"])
         rollout = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
-        paired = torch.cat(paired)
-        logprobs, rewards = rollout["logprobs"][paired], rollout["rewards"][paired]
+        paired, logprobs = torch.cat(paired), torch.cat(logprobs)
+        rewards = rollout["rewards"][paired]
         # --drop_truncated: a pair with a response that never ends its turn is left out of the regression
         trained_on = rollout["contains_eos"][paired].view(-1, 2).all(1) if args.drop_truncated else \
             torch.ones(args.local_batch_size, dtype=torch.bool, device=device)
@@ -831,12 +854,20 @@ if __name__ == "__main__":
         update_start = time.time()
         stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
         skipped_steps = 0
+        permutations = torch.stack([torch.randperm(args.local_batch_size, generator=shuffle_generator)
+                                    for _ in range(args.num_epochs)]).to(device)
+        # the pairs trained on in each minibatch, over all ranks (one all_reduce): each minibatch's loss is their mean,
+        # and a minibatch without any makes no optimizer step (AdamW would still move the weights: momentum, decay)
+        num_trained_on = trained_on[permutations].view(args.num_epochs, args.num_minibatches, -1).sum(-1)
+        if distributed:
+            dist.all_reduce(num_trained_on)
+        num_trained_on = num_trained_on.tolist()
         for epoch in range(args.num_epochs):
-            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
                 optimizer.param_groups[0]["lr"] = learning_rate(args, update, epoch * args.num_minibatches + minibatch)
-                minibatch_pairs = permutation[minibatch * local_minibatch: (minibatch + 1) * local_minibatch]
-                num_trained_on = trained_on[minibatch_pairs].sum().clamp(min=1)
+                if num_trained_on[epoch][minibatch] == 0:
+                    continue
+                minibatch_pairs = permutations[epoch, minibatch * local_minibatch: (minibatch + 1) * local_minibatch]
                 for micro in range(args.gradient_accumulation_steps):
                     first = micro * args.per_device_train_batch_size
                     pairs = minibatch_pairs[first: first + args.per_device_train_batch_size]
@@ -847,16 +878,18 @@ if __name__ == "__main__":
                         args.pad_token_id, device)
                     with autocast:
                         new_logprobs, entropy = response_logprobs(policy, query_responses, attention_mask,
-                                                                  context_length, args.temperature, True)
+                                                                  context_length, args.temperature, epoch == 0)
                     new_logprobs = (new_logprobs * response_mask).sum(1)
                     losses = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
                                         eta)
-                    loss = (losses * trained_on[pairs]).sum() / num_trained_on  # its share of the minibatch's mean
+                    # its share of the minibatch's mean (the ranks' gradients are averaged, hence the world size)
+                    loss = (losses * trained_on[pairs]).sum() * args.world_size / num_trained_on[epoch][minibatch]
                     loss.backward()
                     with torch.no_grad():
-                        entropy = (entropy * response_mask).sum() / response_mask.sum()
                         approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        stats[:, epoch, minibatch, micro] = torch.stack([loss, approxkl, entropy])
+                        stats[:2, epoch, minibatch, micro] = torch.stack([loss, approxkl])
+                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                            stats[2, 0, minibatch, micro] = (entropy * response_mask).sum() / response_mask.sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
@@ -883,7 +916,7 @@ if __name__ == "__main__":
             "objective/eos_share": rollout["contains_eos"].float().mean(),
             "objective/response_length": rollout["lengths"].mean(), "objective/tied_share": (gaps == 0).float().mean(),
             "objective/reward_gap": gaps.abs().mean(), "objective/dropped_share": 1 - trained_on.float().mean(),
-            "rebel/loss": loss.sum(-1).mean(), "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy.mean(),
+            "rebel/loss": loss.sum(-1).mean(), "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy[0].mean(),
             "rebel/loss_first_epoch": loss[0].sum(-1).mean(), "rebel/loss_last_epoch": loss[-1].sum(-1).mean(),
             "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"]}),
             "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"], "eta": eta,

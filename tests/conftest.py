@@ -83,6 +83,7 @@ def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
     for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:  # Table 1's, and at temperature 0.7
         assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
     assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
+    assert all(m["policy/entropy"] > 0 for m in metrics[1:])  # measured in each update's first epoch
     import torch
     from transformers import AutoModelForCausalLM
     weight = "gpt_neox.layers.0.attention.query_key_value.weight"

@@ -161,6 +161,10 @@ def test_armorm_loads_without_remote_code_and_scores_as_by_hand(tmp_path):
     tokenizer.save_pretrained(tmp_path / "armo")
     rm = rebel_chat.load_reward_model(str(tmp_path / "armo"), torch.float32, trust_remote_code=False)
     assert isinstance(rm.model, rebel_chat.ArmoRewardModel)
+    # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors, no memory
+    empty = rebel_chat.load_reward_model(str(tmp_path / "armo"), torch.float32, False, meta=True)
+    assert {k: (v.shape, v.dtype, v.is_meta) for k, v in empty.state_dict().items()} == \
+        {k: (v.shape, v.dtype, True) for k, v in rm.state_dict().items()}
     chats = [("Why cat?", "dog"), ("Tell me about a plan?", "a job and a car")]
     with torch.no_grad():
         scores = rm([[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in chats])
@@ -215,7 +219,7 @@ def test_response_without_end_of_turn_scores_gamma():
     generated = torch.tensor([dog + [2, 0, 0], catnip])  # "dog" and end-of-turn, then padding; "catnip" never ends
     policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
     args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1, 2), max_new_tokens=6, temperature=0.7,
-                           penalty_reward_value=-4.0, per_device_train_batch_size=1)
+                           penalty_reward_value=-4.0, per_device_train_batch_size=1, kl_coef=0.05)
     batch = {"prompt": ["Why cat?", "Why dog?"], "query_token": [[7, 8, 9], [10, 11]]}
     reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
     with torch.no_grad():
@@ -228,6 +232,36 @@ def test_response_without_end_of_turn_scores_gamma():
     torch.testing.assert_close(out["scores"], torch.stack([expected[0], torch.tensor(-4.0)]))
     torch.testing.assert_close(out["logprobs"][0], logprobs.sum())
     assert out["kl"].tolist() == [0, 0]  # pi_t = pi_0 before any update
+
+
+def test_best_and_worst_of_n_and_only_their_logprobs_without_pi_0(monkeypatch):
+    """N = 4 (Section 5.2.1): the pair is the best and the worst response by r = RM - gamma KL. With gamma = 0 there is
+    no pi_0, and pi_t's log-probs are computed for the pair's 2 responses only, not for all 4; with pi_0, for all 4."""
+    from transformers import ByT5Tokenizer
+    policy, tokenizer = tiny_llama(), ByT5Tokenizer()
+    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE
+    words = ["cat", "catnip", "dog", "a"]  # scored by length: best "catnip" (1), worst "a" (3)
+    generated = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids + [1] * (7 - len(w)) for w in words])
+    policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
+    reward_model = lambda conversations: torch.tensor([float(len(c[-1]["content"])) for c in conversations])  # noqa
+    args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1,), max_new_tokens=7, temperature=0.7,
+                           penalty_reward_value=-4.0, per_device_train_batch_size=1, kl_coef=0.0)
+    batch = {"prompt": ["Why cat?"], "query_token": [[7, 8, 9]]}
+    scored = []
+    response_logprobs = rebel_chat.response_logprobs
+    monkeypatch.setattr(rebel_chat, "response_logprobs", lambda model, ids, *a: scored.append(len(ids)) or
+                        response_logprobs(model, ids, *a))
+    with torch.no_grad():
+        out = rebel_chat.sample_and_score(policy, None, reward_model, tokenizer, batch, 4, 0.7, args, "cpu")
+        assert out["pair"].tolist() == [1, 3] and sum(scored) == 2 and "kl" not in out
+        expected = [(response_logprobs(policy, *rebel_chat.pack([[7, 8, 9]], [out["responses"][i]], 0, "cpu")[:3],
+                                       0.7)[0]).sum() for i in [1, 3]]
+        torch.testing.assert_close(out["pair_logprobs"], torch.stack(expected))
+        scored.clear()
+        reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
+        out = rebel_chat.sample_and_score(policy, reference, reward_model, tokenizer, batch, 4, 0.7, args, "cpu")
+        assert out["pair"].tolist() == [1, 3] and sum(scored) == 8  # pi_t and pi_0 for all 4
+        torch.testing.assert_close(out["pair_logprobs"], torch.stack(expected))
 
 
 def test_learning_rate_schedules():
@@ -363,6 +397,21 @@ def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
         truncated = 1 - m["objective/eos_share"]
         assert truncated - 1e-6 <= m["objective/dropped_share"] <= min(1, 2 * truncated) + 1e-6, m
         assert m["rebel/loss"] < 1e3, m
+
+
+def test_a_minibatch_without_pairs_makes_no_step(workdir):
+    """Responses of one token, which end their turn only if that token is the end-of-turn: nearly every pair is
+    dropped. A minibatch without a pair makes no AdamW step (one would move the weights by its weight decay), so the
+    policy is unchanged exactly when every pair was dropped; whatever this machine sampled, both are checked."""
+    run(workdir, "--exp_name", "no_pairs", "--drop_truncated", "--max_new_tokens", "1", "--weight_decay", "0.1",
+        "--num_iterations", "2", "--eval_samples", "16")
+    run_dir, metrics = metrics_of(workdir, "no_pairs")
+    from transformers import AutoModelForCausalLM
+    trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny_chat/sft").state_dict()
+    unchanged = all(torch.equal(trained[k], sft[k]) for k in trained)
+    assert unchanged == all(m["objective/dropped_share"] == 1 for m in metrics[1:]), [m["objective/dropped_share"]
+                                                                                        for m in metrics]
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(workdir):

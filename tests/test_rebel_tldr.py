@@ -24,7 +24,8 @@ def tiny_policy(vocab_size=300, layers=2, hidden=32):
 
 def test_logprobs_equal_the_full_logits_computation():
     """Logits at the response positions only, log-softmax one sequence at a time under activation checkpointing:
-    the same log-probs, entropies and gradients as the plain computation over full logits, on a left-padded batch."""
+    the same log-probs, entropies and gradients (the head's included) as the plain computation over full logits, on
+    a left-padded batch."""
     model = tiny_policy()
     queries = torch.randint(2, 300, (4, 9))
     query_mask = torch.ones_like(queries)
@@ -35,16 +36,34 @@ def test_logprobs_equal_the_full_logits_computation():
     logits = model(input_ids=query_responses, attention_mask=attention_mask).logits[:, 8:-1].float() / temperature
     expected = logits.gather(-1, query_responses[:, 9:, None]).squeeze(-1) - logits.logsumexp(-1)
     expected_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
-    expected_grad = torch.autograd.grad(expected.sum(), model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight)[0]
+    weights = [model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight, model.lm_head.weight]
+    expected_grads = torch.autograd.grad(expected.sum(), weights)
     logprobs, entropy = rebel_tldr.response_logprobs(model, query_responses, attention_mask, 9, (temperature, 0.01),
                                                      True)
     torch.testing.assert_close(logprobs[0], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(entropy, expected_entropy, atol=1e-5, rtol=0)
-    grad = torch.autograd.grad(logprobs[0].sum(), model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight)[0]
-    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
+    for grad, expected_grad in zip(torch.autograd.grad(logprobs[0].sum(), weights), expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=1e-5)
     cold = logits * temperature / 0.01  # the second temperature: the same logits, rescaled
     torch.testing.assert_close(logprobs[1], cold.gather(-1, query_responses[:, 9:, None]).squeeze(-1)
                                - cold.logsumexp(-1), atol=1e-4, rtol=1e-6)
+
+
+def test_left_padding_changes_neither_logprobs_nor_scores():
+    """Positions count real tokens only (as generate() and the released code do): with learned absolute position
+    embeddings (GPT-2), a left-padded prompt gets the same log-probs and RM score as alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    policy = GPT2LMHeadModel(config).eval()
+    reward_model = rebel_tldr.ScalarRewardModel(GPT2Model(config), torch.nn.Linear(32, 1), 0.0).eval()
+    sequence = torch.randint(2, 300, (1, 11))  # a prompt of 5 tokens and a response of 6
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), sequence], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(sequence)], 1)
+    with torch.no_grad():
+        alone = rebel_tldr.response_logprobs(policy, sequence, torch.ones_like(sequence), 5, (0.7,))[0]
+        torch.testing.assert_close(rebel_tldr.response_logprobs(policy, padded, mask, 9, (0.7,))[0], alone)
+        torch.testing.assert_close(reward_model(padded, mask)[:, 4:], reward_model(sequence, torch.ones_like(sequence)))
 
 
 def test_generation_stops_early_with_the_same_tokens():
@@ -329,35 +348,69 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 class Args:
     trust_remote_code = False
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 mp_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reward_model = rebel_tldr.load_reward_model(sys.argv[3], torch.float32, False, meta=rank > 0).requires_grad_(False)
+reward_model = rebel_tldr.shard_from_rank0(reward_model, mp_policy, "cpu", rank)
+rm_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 policy = rebel_tldr.load_policy(sys.argv[2], torch.float32, Args, "cpu", rank, mp_policy)
 ref_policy = rebel_tldr.frozen_copy(policy, torch.float32, Args, "cpu", mp_policy)
 growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 states = [get_model_state_dict(m, options=options) for m in [policy, ref_policy]]
+with torch.no_grad():
+    scores = reward_model(torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long))
+# log-probs and their gradients as in the regression (the head's weight included), after a rollout-like pass
+ids, mask = torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long)
+with torch.no_grad(), rebel_tldr.gathered(policy):
+    rebel_tldr.response_logprobs(policy, ids, mask, 12, (0.7,))
+logprobs = rebel_tldr.response_logprobs(policy, ids, mask, 12, (0.7,))[0]
+logprobs.sum().backward()
+grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
 if rank == 0:
-    torch.save(states, sys.argv[3])
-print(f"rank {rank} peak RSS growth {growth}")
+    torch.save([*states, scores, logprobs.detach(), grads], sys.argv[4])
+print(f"rank {rank} peak RSS growth {growth} {rm_growth}")
 dist.destroy_process_group()
 """
 
 
 def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
     """Under FSDP2, the policy and its frozen copy pi_0 are loaded without any rank's peak RSS growing by a whole fp32
-    model plus a frozen copy (the old way: both whole on every rank); the shards hold exactly the checkpoint."""
+    model plus a frozen copy (the old way: both whole on every rank), and the reward model without a whole copy on
+    any rank but rank 0; the shards hold exactly the checkpoints, and the sharded RM scores as the whole one."""
+    from safetensors.torch import save_file
     model = tiny_policy(vocab_size=384, layers=8, hidden=512)  # 25M parameters: 100 MB in fp32
     model.save_pretrained(tmp_path / "model")
     model_bytes = sum(p.numel() * 4 for p in model.parameters())
+    os.makedirs(tmp_path / "reward")  # the RM in summarize_from_feedback_details' layout, the policy's backbone
+    save_file({**{f"lm_backbone.{k}": v for k, v in model.gpt_neox.state_dict().items()},
+               "scalar_head.weight": torch.randn(1, 512), "scalar_head.bias": torch.zeros(1)},
+              tmp_path / "reward" / "model.safetensors")
+    with open(tmp_path / "reward" / "config.json", "w") as f:
+        json.dump({"base_config": model.config.to_dict(), "hidden_size": 512, "bias": 0.5}, f)
     (tmp_path / "load.py").write_text(FSDP2_LOAD)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "load.py"), ROOT, str(tmp_path / "model"), str(tmp_path / "states.pt")],
-                          capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "load.py"), ROOT, str(tmp_path / "model"), str(tmp_path / "reward"),
+                           str(tmp_path / "states.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    growths = [int(line.split()[-1]) for line in proc.stdout.splitlines() if "peak RSS growth" in line]
-    assert len(growths) == 2
-    assert max(growths) < 2 * model_bytes, (growths, model_bytes)  # rank 0: the checkpoint once, and its shards
-    assert min(growths) < 1.5 * model_bytes, (growths, model_bytes)  # rank 1: its halves of the two only
-    for state in torch.load(tmp_path / "states.pt", weights_only=True):
+    growths = {int(line.split()[1]): [int(n) for n in line.split()[-2:]] for line in proc.stdout.splitlines()
+               if "peak RSS growth" in line}
+    assert sorted(growths) == [0, 1]
+    # pi and pi_0 after the RM: rank 0's peak with the checkpoint once and its shards; rank 1's with its halves only
+    assert growths[0][0] < 2 * model_bytes and growths[1][0] < 1.5 * model_bytes, (growths, model_bytes)
+    rm_bytes = model_bytes - 384 * 512 * 4  # the backbone without the LM head, plus a scalar head
+    assert growths[1][1] < 0.8 * rm_bytes, (growths, rm_bytes)  # rank 1: its half (the old way: the whole RM first)
+    *states, scores, logprobs, grads = torch.load(tmp_path / "states.pt", weights_only=True)
+    expected = rebel_tldr.response_logprobs(model, torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long),
+                                            12, (0.7,))[0]
+    expected.sum().backward()
+    torch.testing.assert_close(logprobs, expected.detach())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+    for state in states:
         for key, value in model.state_dict().items():
             torch.testing.assert_close(state[key], value, atol=0, rtol=0)
+    reward_model = rebel_tldr.load_reward_model(str(tmp_path / "reward"), torch.float32, False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(scores, reward_model(torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long)))

@@ -113,17 +113,17 @@ class Args:
     """a checkpoint folder to continue from; the run goes on in that run's folder"""
 
     # computed at run time
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """number of processes (computed at run time)"""
-    local_batch_size: int = 0
+    local_batch_size: tyro.conf.Suppress[int] = 0
     """prompts per update on one rank (computed at run time)"""
-    gradient_accumulation_steps: int = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
     """micro-batches per optimizer step (computed at run time)"""
-    num_updates: int = 0
+    num_updates: tyro.conf.Suppress[int] = 0
     """iterations t of Algorithm 1 (computed at run time)"""
-    eos_token_id: int = 0
+    eos_token_id: tyro.conf.Suppress[int] = 0
     """the tokenizer's EOS, which ends a response (computed at run time)"""
-    pad_token_id: int = 0
+    pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
 
     def __post_init__(self):

@@ -136,17 +136,17 @@ class Args:
     """a checkpoint folder to continue from; the run goes on in that run's folder"""
 
     # computed at run time
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """number of processes (computed at run time)"""
-    local_batch_size: int = 0
+    local_batch_size: tyro.conf.Suppress[int] = 0
     """prompts per iteration on one rank (computed at run time)"""
-    num_minibatches: int = 0
+    num_minibatches: tyro.conf.Suppress[int] = 0
     """optimizer steps per epoch (computed at run time)"""
-    gradient_accumulation_steps: int = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
     """micro-batches per optimizer step (computed at run time)"""
-    num_updates: int = 0
+    num_updates: tyro.conf.Suppress[int] = 0
     """iterations t of Algorithm 1 (computed at run time)"""
-    eos_token_ids: tuple[int, ...] = ()
+    eos_token_ids: tyro.conf.Suppress[tuple[int, ...]] = ()
     """the end-of-turn tokens that end a response: the tokenizer's EOS and the model's (computed at run time)"""
     pad_token_id: int = 0
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at

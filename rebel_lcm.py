@@ -121,11 +121,11 @@ class Args:
     """a checkpoint folder to continue from; the run goes on in that run's folder"""
 
     # computed at run time
-    world_size: int = 1
+    world_size: tyro.conf.Suppress[int] = 1
     """number of processes (computed at run time)"""
-    gradient_accumulation_steps: int = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
     """micro-batches per optimizer step, sample_batch_size / train_batch_size (computed at run time)"""
-    num_updates: int = 0
+    num_updates: tyro.conf.Suppress[int] = 0
     """num_epochs * batches_per_epoch (computed at run time)"""
 
     def __post_init__(self):

@@ -1,5 +1,6 @@
 """Specification of rebel_tldr.py: the REBEL update is mirror descent, the loss is Eq. (1), and the script runs end
 to end on tiny models (single process, torchrun with DDP+LoRA and FSDP2), learns, resumes, and rejects bad input."""
+import dataclasses
 import glob
 import json
 import os
@@ -258,6 +259,16 @@ def test_tiny_defaults_apply_to_flags_not_given():
     assert (args.lr, args.dataset) == (0.5, "elsewhere")  # given explicitly: kept
     assert (args.batch_size, args.sft_model, args.lora_rank) == (32, "runs/tiny/sft", 8)  # the tiny defaults
     assert tyro.cli(rebel_tldr.Args, args=[]).batch_size == 512  # the paper's
+
+
+def test_computed_fields_are_not_flags(capsys):
+    """Fields computed at run time (world size, updates, ...) are in the logged arguments but are not flags: one given
+    on the command line is an error, not a value silently replaced."""
+    import tyro
+    with pytest.raises(SystemExit):
+        tyro.cli(rebel_tldr.Args, args=["--num_updates", "10"])
+    assert "Unrecognized options: --num_updates" in capsys.readouterr().err
+    assert "num_updates" in dataclasses.asdict(tyro.cli(rebel_tldr.Args, args=[]))
 
 
 def test_tiny_assets_follow_their_paths(workdir, monkeypatch):

@@ -697,7 +697,8 @@ if __name__ == "__main__":
                         approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         stats[:2, epoch, minibatch, micro] = torch.stack([loss, approxkl])
                         if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
-                            stats[2, 0, minibatch, micro] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
+                            stats[2, 0, minibatch, micro] = (entropy * response_masks[seqs]).sum() \
+                                / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced

@@ -436,7 +436,8 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
 
 def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device):
     """Sequence log-probs ln pi_t(y|x) of the responses and their KL term ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0;
-    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch` responses."""
+    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch`
+    responses."""
     logprobs, kl = [], []
     for rows in [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]:
         query_responses, attention_mask, context_length, response_mask = pack(queries[rows], responses[rows],

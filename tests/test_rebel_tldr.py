@@ -213,6 +213,10 @@ def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_pa
         for path in ["seqcls", "scalar"]:
             rm = rebel_tldr.load_reward_model(str(tmp_path / path), torch.float32, False).eval()
             torch.testing.assert_close(rm(ids, mask)[:, -1], expected)
+            # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors
+            empty = rebel_tldr.load_reward_model(str(tmp_path / path), torch.float32, False, meta=True)
+            assert {k: (v.shape, v.dtype, v.is_meta) for k, v in empty.state_dict().items()} == \
+                {k: (v.shape, v.dtype, True) for k, v in rm.state_dict().items()} and empty.bias == rm.bias
 
 
 class DataArgs:
@@ -424,4 +428,5 @@ def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
             torch.testing.assert_close(state[key], value, atol=0, rtol=0)
     reward_model = rebel_tldr.load_reward_model(str(tmp_path / "reward"), torch.float32, False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(scores, reward_model(torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long)))
+        torch.testing.assert_close(scores, reward_model(torch.arange(2, 42).view(2, 20),
+                                                        torch.ones(2, 20, dtype=torch.long)))

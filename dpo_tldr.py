@@ -329,9 +329,9 @@ def token_logprobs(logits, tokens, temperatures):
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
-    """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and the
-    per-token entropy at the first, from one forward pass. The LM head runs at the response positions only
-    (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
+    """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and if
+    `with_entropy` the per-token entropy at the first, from one forward pass. The LM head runs at the response
+    positions only (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
     (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept. Positions
     count real tokens only, as in generate() and the released code, so that left padding does not change the result."""
     logits = model(input_ids=query_responses, attention_mask=attention_mask,

@@ -148,7 +148,7 @@ class Args:
     """iterations t of Algorithm 1 (computed at run time)"""
     eos_token_ids: tyro.conf.Suppress[tuple[int, ...]] = ()
     """the end-of-turn tokens that end a response: the tokenizer's EOS and the model's (computed at run time)"""
-    pad_token_id: int = 0
+    pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
     run time)"""
 
@@ -218,10 +218,10 @@ def load_reward_model(name, dtype, trust_remote_code, meta=False):
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     armo = config.architectures == ["LlamaForRewardModelWithGating"]  # ArmoRM
-    if meta:
+    if meta:  # built as from_pretrained builds it (buffers such as rotary frequencies keep their own dtype)
         with torch.device("meta"):
-            model = ArmoRewardModel(config).to(dtype) if armo else AutoModelForSequenceClassification.from_config(
-                config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = ArmoRewardModel._from_config(config, dtype=dtype) if armo else \
+                AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
         model = ArmoRewardModel.from_pretrained(name, dtype=dtype) if armo else \
             AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -862,7 +862,7 @@ if __name__ == "__main__":
         num_trained_on = trained_on[permutations].view(args.num_epochs, args.num_minibatches, -1).sum(-1)
         if distributed:
             dist.all_reduce(num_trained_on)
-        num_trained_on = num_trained_on.tolist()
+        ran, num_trained_on = num_trained_on > 0, num_trained_on.tolist()
         for epoch in range(args.num_epochs):
             for minibatch in range(args.num_minibatches):
                 optimizer.param_groups[0]["lr"] = learning_rate(args, update, epoch * args.num_minibatches + minibatch)
@@ -908,7 +908,7 @@ if __name__ == "__main__":
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per iteration), evaluate, checkpoint
-        loss, approxkl, entropy = stats
+        loss, approxkl, entropy = stats  # the means are over the minibatches that ran (NaN if all pairs were dropped)
         gaps = rewards[0::2] - rewards[1::2]  # tied pairs are kept: their term pulls the two log-ratios together
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": rollout["scores"].mean(),
@@ -917,8 +917,9 @@ if __name__ == "__main__":
             "objective/eos_share": rollout["contains_eos"].float().mean(),
             "objective/response_length": rollout["lengths"].mean(), "objective/tied_share": (gaps == 0).float().mean(),
             "objective/reward_gap": gaps.abs().mean(), "objective/dropped_share": 1 - trained_on.float().mean(),
-            "rebel/loss": loss.sum(-1).mean(), "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy[0].mean(),
-            "rebel/loss_first_epoch": loss[0].sum(-1).mean(), "rebel/loss_last_epoch": loss[-1].sum(-1).mean(),
+            "rebel/loss": loss.sum(-1)[ran].mean(), "rebel/approxkl": approxkl[ran].mean(),
+            "policy/entropy": entropy[0][ran[0]].mean(), "rebel/loss_first_epoch": loss[0].sum(-1)[ran[0]].mean(),
+            "rebel/loss_last_epoch": loss[-1].sum(-1)[ran[-1]].mean(),
             "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"]}),
             "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"], "eta": eta,
             "time/rollout_s": rollout_time, "time/generate_s": seconds["generate"],

@@ -6,6 +6,7 @@ reload and resume, drop truncated pairs when asked, and stop on non-finite steps
 sample it draws, except that learning raises the held-out score."""
 import glob
 import json
+import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -161,10 +162,14 @@ def test_armorm_loads_without_remote_code_and_scores_as_by_hand(tmp_path):
     tokenizer.save_pretrained(tmp_path / "armo")
     rm = rebel_chat.load_reward_model(str(tmp_path / "armo"), torch.float32, trust_remote_code=False)
     assert isinstance(rm.model, rebel_chat.ArmoRewardModel)
-    # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors, no memory
-    empty = rebel_chat.load_reward_model(str(tmp_path / "armo"), torch.float32, False, meta=True)
-    assert {k: (v.shape, v.dtype, v.is_meta) for k, v in empty.state_dict().items()} == \
-        {k: (v.shape, v.dtype, True) for k, v in rm.state_dict().items()}
+    # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors and buffers
+    # in the same dtypes, without memory; in bf16 too, as on a GPU
+    def tensors(model):
+        return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
+    for dtype in [torch.float32, torch.bfloat16]:
+        loaded = rebel_chat.load_reward_model(str(tmp_path / "armo"), dtype, False)
+        empty = rebel_chat.load_reward_model(str(tmp_path / "armo"), dtype, False, meta=True)
+        assert tensors(empty) == tensors(loaded) and all(v.is_meta for v in empty.state_dict().values())
     chats = [("Why cat?", "dog"), ("Tell me about a plan?", "a job and a car")]
     with torch.no_grad():
         scores = rm([[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in chats])
@@ -396,13 +401,14 @@ def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
     for m in metrics[1:]:
         truncated = 1 - m["objective/eos_share"]
         assert truncated - 1e-6 <= m["objective/dropped_share"] <= min(1, 2 * truncated) + 1e-6, m
-        assert m["rebel/loss"] < 1e3, m
+        assert m["objective/dropped_share"] == 1 or m["rebel/loss"] < 1e3, m  # NaN: no pair left to train on
 
 
 def test_a_minibatch_without_pairs_makes_no_step(workdir):
     """Responses of one token, which end their turn only if that token is the end-of-turn: nearly every pair is
-    dropped. A minibatch without a pair makes no AdamW step (one would move the weights by its weight decay), so the
-    policy is unchanged exactly when every pair was dropped; whatever this machine sampled, both are checked."""
+    dropped (here, all of them). A minibatch without a pair makes no AdamW step (one would move the weights by its
+    weight decay), so the policy is unchanged exactly when every pair was dropped, and an update without any pair
+    logs a NaN loss, not a 0 averaged in. Both relations hold whatever is sampled; the old code failed the first."""
     run(workdir, "--exp_name", "no_pairs", "--drop_truncated", "--max_new_tokens", "1", "--weight_decay", "0.1",
         "--num_iterations", "2", "--eval_samples", "16")
     run_dir, metrics = metrics_of(workdir, "no_pairs")
@@ -412,6 +418,7 @@ def test_a_minibatch_without_pairs_makes_no_step(workdir):
     unchanged = all(torch.equal(trained[k], sft[k]) for k in trained)
     assert unchanged == all(m["objective/dropped_share"] == 1 for m in metrics[1:]), [m["objective/dropped_share"]
                                                                                         for m in metrics]
+    assert all((m["objective/dropped_share"] == 1) == math.isnan(m["rebel/loss"]) for m in metrics[1:])
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(workdir):

@@ -213,10 +213,17 @@ def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_pa
         for path in ["seqcls", "scalar"]:
             rm = rebel_tldr.load_reward_model(str(tmp_path / path), torch.float32, False).eval()
             torch.testing.assert_close(rm(ids, mask)[:, -1], expected)
-            # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors
-            empty = rebel_tldr.load_reward_model(str(tmp_path / path), torch.float32, False, meta=True)
-            assert {k: (v.shape, v.dtype, v.is_meta) for k, v in empty.state_dict().items()} == \
-                {k: (v.shape, v.dtype, True) for k, v in rm.state_dict().items()} and empty.bias == rm.bias
+            # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors and
+            # buffers in the same dtypes (bf16 too, as on a GPU), without memory, and the same bias
+            for dtype in [torch.float32, torch.bfloat16]:
+                loaded = rebel_tldr.load_reward_model(str(tmp_path / path), dtype, False)
+                empty = rebel_tldr.load_reward_model(str(tmp_path / path), dtype, False, meta=True)
+                assert tensors(empty) == tensors(loaded) and empty.bias == loaded.bias
+                assert all(v.is_meta for v in empty.state_dict().values())
+
+
+def tensors(model):
+    return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
 
 
 class DataArgs:

@@ -452,12 +452,11 @@ def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, 
 
 def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device):
     """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn; RM
-    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3); the rewards
-    r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); with N >= 2 samples, each prompt's pair (rows
-    2i, 2i+1 of `pair`): with N = 2 the two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1),
-    and ln pi_t of the pair's responses. The log-probs are computed for every response when the KL term needs them,
-    else (no pi_0: gamma = 0, as in Section 5.2.1) for the pair's responses only. Also the seconds spent generating,
-    on the RM and on log-probs."""
+    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3); and, when there is a
+    pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term ln pi_t - ln pi_0, in no-grad
+    passes over micro-batches of `per_device_train_batch_size` prompts' responses. Without pi_0 the rewards need no
+    log-probs, and the caller computes pi_t's for the pairs' responses only. Also the seconds spent generating, on the
+    RM and on log-probs."""
     tic = time.time()
     queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
     responses = generate(model, queries, query_mask, num_samples, args, temperature)
@@ -482,15 +481,6 @@ def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samp
                contains_eos=contains_eos, lengths=torch.tensor(lengths, device=device, dtype=torch.float))
     if ref_policy is not None:
         out["logprobs"], out["kl"] = sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device)
-    out["rewards"] = scores - args.kl_coef * out["kl"] if ref_policy is not None else scores
-    if num_samples > 1:
-        reward = out["rewards"].view(-1, num_samples)
-        picks = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if num_samples > 2 else \
-            torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
-        out["pair"] = (picks + num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
-        out["pair_logprobs"] = out["logprobs"][out["pair"]] if ref_policy is not None else sequence_logprobs(
-            model, None, [queries[i] for i in out["pair"].tolist()], [responses[i] for i in out["pair"].tolist()],
-            2 * args.per_device_train_batch_size, args, device)[0]
     seconds["logprobs"] = time.time() - tic
     return out | {"seconds": seconds}
 
@@ -832,17 +822,29 @@ if __name__ == "__main__":
         queries, responses, samples, paired, logprobs, seconds = [], [], [], [], [], collections.Counter()
         with torch.no_grad(), gathered(raw_policy), autocast:
             for i in range(0, args.local_batch_size, args.rollout_batch_size):
-                # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and each prompt's pair
                 out = sample_and_score(raw_policy, ref_policy, reward_model, tokenizer,
                                        {k: v[i: i + args.rollout_batch_size] for k, v in batch.items()},
                                        args.num_samples, args.temperature, args, device)
-                queries += [out["queries"][s] for s in out["pair"].tolist()[::2]]
-                responses += [out["responses"][s] for s in out["pair"].tolist()]
-                paired.append(out["pair"] + i * args.num_samples)
-                logprobs.append(out["pair_logprobs"])
-                keys = ["scores", "rewards", "contains_eos", "lengths"] + (["kl"] if ref_policy is not None else [])
-                samples.append({k: out[k] for k in keys})
                 seconds.update(out["seconds"])
+                # 2. r(x, y) = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23), and the pair: with N = 2 the
+                #    two samples, with N > 2 the best and the worst by r (Remark 1, Section 5.2.1)
+                out["rewards"] = out["scores"] - args.kl_coef * out["kl"] if ref_policy is not None else out["scores"]
+                reward = out["rewards"].view(-1, args.num_samples)
+                picks = torch.stack([reward.argmax(1), reward.argmin(1)], 1) if args.num_samples > 2 else \
+                    torch.tensor([[0, 1]], device=device).expand(len(reward), 2)
+                pair = (picks + args.num_samples * torch.arange(len(reward), device=device)[:, None]).flatten()
+                pair_queries, pair_responses = ([out[k][s] for s in pair.tolist()] for k in ["queries", "responses"])
+                queries += pair_queries[::2]
+                responses += pair_responses
+                paired.append(pair + i * args.num_samples)
+                # ln pi_t of the pair: with pi_0 computed above for every response; without (gamma = 0), r needed
+                # none, and only the pair's 2 responses get a pass (2 of N)
+                tic = time.time()
+                logprobs.append(out["logprobs"][pair] if ref_policy is not None else sequence_logprobs(
+                    raw_policy, None, pair_queries, pair_responses, 2 * args.per_device_train_batch_size, args,
+                    device)[0])
+                seconds["logprobs"] += time.time() - tic
+                samples.append({k: out[k] for k in ["scores", "kl", "rewards", "contains_eos", "lengths"] if k in out})
         rollout = {k: torch.cat([s[k] for s in samples]) for k in samples[0]}
         paired, logprobs = torch.cat(paired), torch.cat(logprobs)
         rewards = rollout["rewards"][paired]
@@ -855,11 +857,12 @@ if __name__ == "__main__":
         update_start = time.time()
         stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
         skipped_steps = 0
+        # on the CPU: the micro-batches are packed from token lists, and reading indices off a GPU would sync each time
         permutations = torch.stack([torch.randperm(args.local_batch_size, generator=shuffle_generator)
-                                    for _ in range(args.num_epochs)]).to(device)
+                                    for _ in range(args.num_epochs)])
         # the pairs trained on in each minibatch, over all ranks (one all_reduce): each minibatch's loss is their mean,
         # and a minibatch without any makes no optimizer step (AdamW would still move the weights: momentum, decay)
-        num_trained_on = trained_on[permutations].view(args.num_epochs, args.num_minibatches, -1).sum(-1)
+        num_trained_on = trained_on[permutations.to(device)].view(args.num_epochs, args.num_minibatches, -1).sum(-1)
         if distributed:
             dist.all_reduce(num_trained_on)
         ran, num_trained_on = num_trained_on > 0, num_trained_on.tolist()
@@ -872,7 +875,7 @@ if __name__ == "__main__":
                 for micro in range(args.gradient_accumulation_steps):
                     first = micro * args.per_device_train_batch_size
                     pairs = minibatch_pairs[first: first + args.per_device_train_batch_size]
-                    seqs = (2 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    seqs = (2 * pairs[:, None] + torch.arange(2)).flatten()
                     policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
                     query_responses, attention_mask, context_length, response_mask = pack(
                         [queries[p] for p in pairs.tolist() for _ in range(2)], [responses[s] for s in seqs.tolist()],

@@ -153,10 +153,12 @@ def load_reward_model(name, dtype, trust_remote_code, meta=False):
         config = json.load(f)
     with torch.device("meta") if meta else contextlib.nullcontext():
         if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
-            model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
-                path, num_labels=1, trust_remote_code=trust_remote_code), dtype=dtype,
-                trust_remote_code=trust_remote_code) if meta else AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+            kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+            if meta:
+                model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
+                    path, num_labels=1, trust_remote_code=trust_remote_code), **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
             return ScalarRewardModel(model.base_model, model.score, 0.0)
         # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
         backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)

@@ -212,10 +212,12 @@ def test_nectar_transcripts_become_chat_messages():
         {"role": "user", "content": "Name a cat."}]
 
 
-def test_response_without_end_of_turn_scores_gamma():
+def test_response_without_end_of_turn_scores_gamma(monkeypatch):
     """sample_and_score cuts each response after its first end-of-turn (ids 1 or 2 here) and scores the decoded text
     with the RM; a response that reaches max_new_tokens without one gets Gamma whatever the RM says. Log-probs and RM
-    scores come from micro-batches (of one response here)."""
+    scores come from micro-batches (of one response here). With pi_0 every response gets a log-prob pass under pi_t
+    and pi_0 (r needs all their KL terms to pick the best and worst of N); without pi_0 (gamma = 0, Section 5.2.1)
+    none: the training loop then computes pi_t's for the pairs' responses only."""
     from transformers import ByT5Tokenizer
     policy, tokenizer = tiny_llama(), ByT5Tokenizer()
     rm = tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
@@ -224,49 +226,24 @@ def test_response_without_end_of_turn_scores_gamma():
     generated = torch.tensor([dog + [2, 0, 0], catnip])  # "dog" and end-of-turn, then padding; "catnip" never ends
     policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
     args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1, 2), max_new_tokens=6, temperature=0.7,
-                           penalty_reward_value=-4.0, per_device_train_batch_size=1, kl_coef=0.05)
+                           penalty_reward_value=-4.0, per_device_train_batch_size=1)
     batch = {"prompt": ["Why cat?", "Why dog?"], "query_token": [[7, 8, 9], [10, 11]]}
     reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
+    scored, response_logprobs = [], rebel_chat.response_logprobs  # sequences per log-prob pass
+    monkeypatch.setattr(rebel_chat, "response_logprobs", lambda model, ids, *a: scored.append(len(ids)) or
+                        response_logprobs(model, ids, *a))
     with torch.no_grad():
         out = rebel_chat.sample_and_score(policy, reference, rm, tokenizer, batch, 1, 0.7, args, "cpu")
+        assert scored == [1, 1, 1, 1]  # pi_t and pi_0, each response on its own
+        without_pi_0 = rebel_chat.sample_and_score(policy, None, rm, tokenizer, batch, 1, 0.7, args, "cpu")
+        assert scored == [1, 1, 1, 1] and "logprobs" not in without_pi_0 and "kl" not in without_pi_0
         expected = rm([[{"role": "user", "content": "Why cat?"}, {"role": "assistant", "content": "dog"}]])
-        logprobs, _ = rebel_chat.response_logprobs(policy, *rebel_chat.pack([[7, 8, 9]], [dog + [2]], 0, "cpu")[:3],
-                                                   0.7)
+        logprobs, _ = response_logprobs(policy, *rebel_chat.pack([[7, 8, 9]], [dog + [2]], 0, "cpu")[:3], 0.7)
     assert out["responses"] == [dog + [2], catnip] and out["texts"] == ["dog", "catnip"]
     assert out["contains_eos"].tolist() == [True, False] and out["lengths"].tolist() == [4, 6]
     torch.testing.assert_close(out["scores"], torch.stack([expected[0], torch.tensor(-4.0)]))
     torch.testing.assert_close(out["logprobs"][0], logprobs.sum())
     assert out["kl"].tolist() == [0, 0]  # pi_t = pi_0 before any update
-
-
-def test_best_and_worst_of_n_and_only_their_logprobs_without_pi_0(monkeypatch):
-    """N = 4 (Section 5.2.1): the pair is the best and the worst response by r = RM - gamma KL. With gamma = 0 there is
-    no pi_0, and pi_t's log-probs are computed for the pair's 2 responses only, not for all 4; with pi_0, for all 4."""
-    from transformers import ByT5Tokenizer
-    policy, tokenizer = tiny_llama(), ByT5Tokenizer()
-    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE
-    words = ["cat", "catnip", "dog", "a"]  # scored by length: best "catnip" (1), worst "a" (3)
-    generated = torch.tensor([tokenizer(w, add_special_tokens=False).input_ids + [1] * (7 - len(w)) for w in words])
-    policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
-    reward_model = lambda conversations: torch.tensor([float(len(c[-1]["content"])) for c in conversations])  # noqa
-    args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1,), max_new_tokens=7, temperature=0.7,
-                           penalty_reward_value=-4.0, per_device_train_batch_size=1, kl_coef=0.0)
-    batch = {"prompt": ["Why cat?"], "query_token": [[7, 8, 9]]}
-    scored = []
-    response_logprobs = rebel_chat.response_logprobs
-    monkeypatch.setattr(rebel_chat, "response_logprobs", lambda model, ids, *a: scored.append(len(ids)) or
-                        response_logprobs(model, ids, *a))
-    with torch.no_grad():
-        out = rebel_chat.sample_and_score(policy, None, reward_model, tokenizer, batch, 4, 0.7, args, "cpu")
-        assert out["pair"].tolist() == [1, 3] and sum(scored) == 2 and "kl" not in out
-        expected = [(response_logprobs(policy, *rebel_chat.pack([[7, 8, 9]], [out["responses"][i]], 0, "cpu")[:3],
-                                       0.7)[0]).sum() for i in [1, 3]]
-        torch.testing.assert_close(out["pair_logprobs"], torch.stack(expected))
-        scored.clear()
-        reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
-        out = rebel_chat.sample_and_score(policy, reference, reward_model, tokenizer, batch, 4, 0.7, args, "cpu")
-        assert out["pair"].tolist() == [1, 3] and sum(scored) == 8  # pi_t and pi_0 for all 4
-        torch.testing.assert_close(out["pair_logprobs"], torch.stack(expected))
 
 
 def test_learning_rate_schedules():

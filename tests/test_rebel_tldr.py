@@ -381,10 +381,10 @@ ref_policy = rebel_tldr.frozen_copy(policy, torch.float32, Args, "cpu", mp_polic
 growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 states = [get_model_state_dict(m, options=options) for m in [policy, ref_policy]]
-with torch.no_grad():
-    scores = reward_model(torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long))
-# log-probs and their gradients as in the regression (the head's weight included), after a rollout-like pass
 ids, mask = torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long)
+with torch.no_grad():
+    scores = reward_model(ids, mask)
+# log-probs and their gradients as in the regression (the head's weight included), after a rollout-like pass
 with torch.no_grad(), rebel_tldr.gathered(policy):
     rebel_tldr.response_logprobs(policy, ids, mask, 12, (0.7,))
 logprobs = rebel_tldr.response_logprobs(policy, ids, mask, 12, (0.7,))[0]
@@ -424,8 +424,8 @@ def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
     rm_bytes = model_bytes - 384 * 512 * 4  # the backbone without the LM head, plus a scalar head
     assert growths[1][1] < 0.8 * rm_bytes, (growths, rm_bytes)  # rank 1: its half (the old way: the whole RM first)
     *states, scores, logprobs, grads = torch.load(tmp_path / "states.pt", weights_only=True)
-    expected = rebel_tldr.response_logprobs(model, torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long),
-                                            12, (0.7,))[0]
+    ids, mask = torch.arange(2, 42).view(2, 20), torch.ones(2, 20, dtype=torch.long)  # as in the script
+    expected = rebel_tldr.response_logprobs(model, ids, mask, 12, (0.7,))[0]
     expected.sum().backward()
     torch.testing.assert_close(logprobs, expected.detach())
     for name, p in model.named_parameters():
@@ -435,5 +435,4 @@ def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
             torch.testing.assert_close(state[key], value, atol=0, rtol=0)
     reward_model = rebel_tldr.load_reward_model(str(tmp_path / "reward"), torch.float32, False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(scores, reward_model(torch.arange(2, 42).view(2, 20),
-                                                        torch.ones(2, 20, dtype=torch.long)))
+        torch.testing.assert_close(scores, reward_model(ids, mask))

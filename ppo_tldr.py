@@ -135,11 +135,10 @@ class Args:
     pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
 
-    def __post_init__(self):
-        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
-            for name, value in TINY.items():
-                if getattr(self, name) == getattr(Args, name):
-                    setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
+        for name, value in TINY.items() if self.tiny else []:
+            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
+                setattr(self, name, value)
 
 
 class ScalarRewardModel(nn.Module):
@@ -250,15 +249,17 @@ def load_prompts(args, tokenizer, split, rank):
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")
 
+    # numbers, not `args`, in the transforms: datasets caches only what dill hashes, and a script's Args it cannot
+    eos, response_length, query_length = tokenizer.eos_token_id, args.response_length, args.query_length
+
     def tokenize(batch):
         references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
         return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
-                "reference_token": [(r if tokenizer.eos_token_id in r else r + [tokenizer.eos_token_id])
-                                    [: args.response_length] for r in references]}
+                "reference_token": [(r if eos in r else r + [eos])[:response_length] for r in references]}
 
     dataset = dataset.map(tokenize, batched=True)
     n = len(dataset)
-    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.query_length)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length)
     if rank == 0 and len(dataset) < n:
         print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
     return dataset
@@ -424,10 +425,9 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
 
 def mean_over_ranks(metrics):
     """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
-    values = torch.stack([v.float() for v in metrics.values()])
+    values = torch.stack([v.float() for v in metrics.values()]) / (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_reduce(values)
-        values /= dist.get_world_size()
     return dict(zip(metrics, values.tolist()))
 
 
@@ -437,20 +437,18 @@ def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
     then swapped in: a crash while saving leaves the previous checkpoint whole."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
     if rank == 0:
         shutil.rmtree(f"{path}.tmp", ignore_errors=True)
         os.makedirs(f"{path}.tmp")
         save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
         torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
+        torch.save(rngs, f"{path}.tmp/rng.pt")
         with open(f"{path}.tmp/state.json", "w") as f:
             json.dump({"update": update}, f)
         shutil.rmtree(path, ignore_errors=True)
@@ -467,7 +465,7 @@ def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
     set_model_state_dict(policy, model_state, options=options)
     set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
-    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    rng = torch.load(f"{path}/rng.pt", weights_only=True)[rank]
     torch.set_rng_state(rng["torch"])
     shuffle_generator.set_state(rng["shuffle"])
     if "cuda" in rng:
@@ -495,13 +493,10 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
                                           out["logprobs"] - out["ref_logprobs"], out["scores"] > reference_scores,
                                           out["contains_eos"]]):
                 sums[key] += values.float().sum()
-            responses = [r[:n] for r, n in zip(out["query_responses"][:, queries.shape[1]:].tolist(),
-                                               out["response_mask"].sum(1).tolist())]
-            rows += [dict(query=q, response=tokenizer.decode(r, skip_special_tokens=True),
-                          reference=tokenizer.decode(ref, skip_special_tokens=True), score=s,
-                          reference_score=rs)
-                     for q, r, ref, s, rs in zip(batch["query"], responses, batch["reference_token"],
-                                                 out["scores"].tolist(), reference_scores.tolist())]
+            texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
+                     for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
+            rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs) for q, r, ref, s, rs in zip(
+                batch["query"], *texts, out["scores"].tolist(), reference_scores.tolist())]
     metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
     if dist.is_initialized():
         gathered_rows = [None] * args.world_size
@@ -524,28 +519,24 @@ def write_tiny_assets(args):
     time, and near-greedy evaluation gives summaries rather than noise. The reward model's head is rescaled so that
     reference summaries' scores have standard deviation 1 and a mean near 0."""
     from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
-    missing = [not os.path.exists(path) for path in [  # the last file of each asset
-        f"{args.dataset}/validation.jsonl", f"{args.sft_model}/tokenizer_config.json",
-        f"{args.reward_model}/tokenizer_config.json"]]
     g = random.Random(0)
     torch.manual_seed(0)
     tokenizer = ByT5Tokenizer()
     words = "cat dog rent job friend move car game date boss school money sister plan".split()
-    for split, n in [("train", 1024), ("validation", 128)] if missing[0] else []:
+    if not os.path.exists(f"{args.dataset}/validation.jsonl"):  # each asset is checked by a file written at its end
         os.makedirs(args.dataset, exist_ok=True)
-        with open(f"{args.dataset}/{split}.jsonl", "w") as f:
-            for _ in range(n):
-                post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
-                query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
-                summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
-                f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
-    if not (missing[1] or missing[2]):
-        return
+        for split, n in [("train", 1024), ("validation", 128)]:
+            with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+                for _ in range(n):
+                    post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
+                    query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
+                    summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
+                    f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     data = load_prompts(args, tokenizer, "train", 0)
-    if missing[1]:
+    if not os.path.exists(f"{args.sft_model}/tokenizer_config.json"):
         policy = GPTNeoXForCausalLM(config)
         optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
         for step in range(300):  # SFT: next-token loss on the reference summaries
@@ -559,21 +550,20 @@ def write_tiny_assets(args):
             optimizer.zero_grad()
         policy.save_pretrained(args.sft_model)
         tokenizer.save_pretrained(args.sft_model)
-    if not missing[2]:
-        return
-    # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
-    rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
-    with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
-        ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
-        scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
-        rm.scalar_head.weight /= scores.std()
-        rm.bias = (scores.mean() / scores.std()).item()
-    os.makedirs(args.reward_model, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
-    with open(f"{args.reward_model}/config.json", "w") as f:
-        json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
-                   "bias": rm.bias}, f, indent=2)
-    tokenizer.save_pretrained(args.reward_model)
+    if not os.path.exists(f"{args.reward_model}/tokenizer_config.json"):
+        # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
+        rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
+        with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
+            ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
+            scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
+            rm.scalar_head.weight /= scores.std()
+            rm.bias = (scores.mean() / scores.std()).item()
+        os.makedirs(args.reward_model, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
+        with open(f"{args.reward_model}/config.json", "w") as f:
+            json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
+                       "bias": rm.bias}, f, indent=2)
+        tokenizer.save_pretrained(args.reward_model)
 
 
 if __name__ == "__main__":
@@ -607,7 +597,7 @@ if __name__ == "__main__":
 
     run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
         f"runs/tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if distributed:  # every rank writes into rank 0's folder
+    if distributed:  # one run name on every rank (their messages name it): rank 0's
         run_dir = [run_dir]
         dist.broadcast_object_list(run_dir)
         run_dir = run_dir[0]
@@ -730,9 +720,8 @@ if __name__ == "__main__":
                                        1, args.temperature, args)
                       for i in range(0, args.local_batch_size, args.rollout_batch_size)]
         rollout = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
-        query_responses, attention_masks, response_masks = (rollout[k] for k in ["query_responses", "attention_mask",
-                                                                                 "response_mask"])
-        logprobs, scores = rollout["logprobs"], rollout["scores"]
+        query_responses, attention_masks, response_masks, logprobs, scores = (rollout[k] for k in [
+            "query_responses", "attention_mask", "response_mask", "logprobs", "scores"])
         with torch.no_grad(), autocast:
             values = torch.cat([critic(query_responses[i: i + args.per_device_train_batch_size],
                                        attention_masks[i: i + args.per_device_train_batch_size])[:, context_length - 1: -1]

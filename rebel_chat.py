@@ -152,11 +152,10 @@ class Args:
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
     run time)"""
 
-    def __post_init__(self):
-        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
-            for name, value in TINY.items():
-                if getattr(self, name) == getattr(Args, name):
-                    setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
+        for name, value in TINY.items() if self.tiny else []:
+            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
+                setattr(self, name, value)
 
 
 class ArmoRewardModel(LlamaPreTrainedModel):
@@ -344,6 +343,9 @@ def load_prompts(args, tokenizer, split, rank):
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column 'prompt'; found {dataset.column_names}")
 
+    # numbers, not `args`, in the transforms: datasets caches only what dill hashes, and a script's Args it cannot
+    max_prompt_length = args.max_prompt_length
+
     def tokenize(batch):  # the policy's chat template, ending with the assistant's turn header
         text = [tokenizer.apply_chat_template(to_messages(p), tokenize=False, add_generation_prompt=True)
                 for p in batch["prompt"]]
@@ -351,7 +353,7 @@ def load_prompts(args, tokenizer, split, rank):
 
     dataset = dataset.map(tokenize, batched=True, remove_columns=[c for c in dataset.column_names if c != "prompt"])
     n = len(dataset)
-    dataset = dataset.filter(lambda x: len(x["query_token"]) <= args.max_prompt_length)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= max_prompt_length)
     if rank == 0 and len(dataset) < n:
         print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --max_prompt_length "
               f"{args.max_prompt_length}")
@@ -508,10 +510,9 @@ def learning_rate(args, update, step):
 
 def mean_over_ranks(metrics):
     """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
-    values = torch.stack([v.float() for v in metrics.values()])
+    values = torch.stack([v.float() for v in metrics.values()]) / (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
         dist.all_reduce(values)
-        values /= dist.get_world_size()
     return dict(zip(metrics, values.tolist()))
 
 
@@ -521,20 +522,18 @@ def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
     then swapped in: a crash while saving leaves the previous checkpoint whole."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
     if rank == 0:
         shutil.rmtree(f"{path}.tmp", ignore_errors=True)
         os.makedirs(f"{path}.tmp")
         save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
         torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, f"{path}.tmp/rng_{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
+        torch.save(rngs, f"{path}.tmp/rng.pt")
         with open(f"{path}.tmp/state.json", "w") as f:
             json.dump({"update": update}, f)
         shutil.rmtree(path, ignore_errors=True)
@@ -552,7 +551,7 @@ def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
     set_model_state_dict(policy, model_state, options=options)
     set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
-    rng = torch.load(f"{path}/rng_{rank}.pt", weights_only=True)
+    rng = torch.load(f"{path}/rng.pt", weights_only=True)[rank]
     torch.set_rng_state(rng["torch"])
     shuffle_generator.set_state(rng["shuffle"])
     if "cuda" in rng:
@@ -683,7 +682,7 @@ if __name__ == "__main__":
 
     run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
         f"runs/chat__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if distributed:  # every rank writes into rank 0's folder
+    if distributed:  # one run name on every rank (their messages name it): rank 0's
         run_dir = [run_dir]
         dist.broadcast_object_list(run_dir)
         run_dir = run_dir[0]

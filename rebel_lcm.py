@@ -128,11 +128,10 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
     """num_epochs * batches_per_epoch (computed at run time)"""
 
-    def __post_init__(self):
-        if self.tiny:  # TINY replaces the paper's defaults; a flag given another value wins (one equal to it doesn't)
-            for name, value in TINY.items():
-                if getattr(self, name) == getattr(Args, name):
-                    setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
+        for name, value in TINY.items() if self.tiny else []:
+            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
+                setattr(self, name, value)
 
 
 def aesthetic_mlp():
@@ -323,17 +322,16 @@ def lora_state_dict(unet):
 def save_checkpoint(path, unet, optimizer, generator, buffers, update, rank):
     """LoRA weights (safetensors), optimizer state, every rank's generator state, the reward buffers and the update
     index. Written beside the last checkpoint, then swapped in: a crash while saving leaves the previous one whole."""
+    rng = {"generator": generator.get_state()}
+    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
     if rank == 0:
         shutil.rmtree(f"{path}.tmp", ignore_errors=True)
         os.makedirs(f"{path}.tmp")
         save_file(lora_state_dict(unet), f"{path}.tmp/model.safetensors")
         torch.save(optimizer.state_dict(), f"{path}.tmp/optimizer.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    torch.save({"generator": generator.get_state()}, f"{path}.tmp/rng_{rank}.pt")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
+        torch.save(rngs, f"{path}.tmp/rng.pt")
         with open(f"{path}.tmp/state.json", "w") as f:
             json.dump({"update": update, "reward_buffers": buffers}, f)
         shutil.rmtree(path, ignore_errors=True)
@@ -344,7 +342,7 @@ def load_checkpoint(path, unet, optimizer, generator, rank):
     missing, unexpected = unet.load_state_dict(load_file(f"{path}/model.safetensors"), strict=False)
     assert not unexpected and not any("lora_" in k for k in missing), (unexpected, missing)
     optimizer.load_state_dict(torch.load(f"{path}/optimizer.pt", weights_only=True))
-    generator.set_state(torch.load(f"{path}/rng_{rank}.pt", weights_only=True)["generator"])
+    generator.set_state(torch.load(f"{path}/rng.pt", weights_only=True)[rank]["generator"])
     with open(f"{path}/state.json") as f:
         state = json.load(f)
     return state["update"], state["reward_buffers"]
@@ -429,7 +427,7 @@ if __name__ == "__main__":
 
     run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
         f"runs/lcm__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if distributed:  # every rank writes into rank 0's folder
+    if distributed:  # one run name on every rank (their messages name it): rank 0's
         run_dir = [run_dir]
         dist.broadcast_object_list(run_dir)
         run_dir = run_dir[0]

@@ -1,12 +1,16 @@
 import glob
 import json
+import multiprocessing
 import os
-import signal
+import runpy
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
+
+import forked_run
 
 # no hub access in tests: a hub name fails at once instead of stalling; wandb never goes online
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -14,7 +18,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models: threading each small op costs more than it gains, and on a loaded machine (OpenMP threads spinning
 # against other processes) one small op took 7 ms instead of microseconds; torchrun sets 1 for its processes too
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -25,15 +29,62 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("runs")
 
 
-def run_script(script, workdir, *flags, torchrun=False, check=True, env=None):
-    """`python SCRIPT --tiny FLAGS` in `workdir`, or under torchrun with 2 CPU processes; checks that it exits 0."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
-        else [sys.executable]
-    proc = subprocess.run(launcher + [f"{ROOT}/{script}", "--tiny", *flags], cwd=workdir, env=env or dict(os.environ),
-                          capture_output=True, text=True, timeout=600)
+# Every script imports torch, transformers, peft or diffusers: 5-7 s of a tiny run on 2 cores, paid by each of the
+# suite's ~35 single-process runs. Those runs are forked from one process that has imported these libraries once
+# (with this file's environment), and run there as `python SCRIPT FLAGS` runs them (forked_run.py): as __main__, with
+# their own argv, folder, environment variables, stdout, stderr and exit status. What differs from a fresh process:
+# what the libraries read at import, and the hash seed, are the preloading process's (assert_resume_reproduces runs
+# its reference run as a fresh process, so that a run's results depending on either would show there). Not datasets:
+# it names cache files with a random generator made at import, which every fork would share. torchrun runs are fresh.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["torch", "transformers", "transformers.modeling_utils", "peft", "diffusers", "tyro"])
+
+
+def start_script(script, workdir, *flags, env=None):
+    """`python SCRIPT --tiny FLAGS` in `workdir`, forked (see FORKSERVER); returns the process and the files of its
+    stdout and stderr."""
+    out, err = (f"{workdir}/.{script}.{time.time_ns()}.{name}" for name in ["out", "err"])
+    proc = FORKSERVER.Process(target=forked_run.run_as_main, args=(
+        f"{ROOT}/{script}", ["--tiny", *flags], str(workdir), env or dict(os.environ), out, err))
+    proc.start()
+    return proc, out, err
+
+
+def run_script(script, workdir, *flags, torchrun=False, fresh=False, check=True, env=None):
+    """`python SCRIPT --tiny FLAGS` in `workdir`, forked (see FORKSERVER) unless `fresh`, or under torchrun with 2 CPU
+    processes; checks that it exits 0. Returns its exit status, stdout and stderr."""
+    if torchrun or fresh:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun \
+            else [sys.executable]
+        proc = subprocess.run(launcher + [f"{ROOT}/{script}", "--tiny", *flags], cwd=workdir, env=env or dict(os.environ),
+                              capture_output=True, text=True, timeout=600)
+    else:
+        process, out, err = start_script(script, workdir, *flags, env=env)
+        process.join(600)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+        proc = finished(process, out, err)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def finished(process, out, err):
+    """The exit status, stdout and stderr of a forked run that has ended; its output files are removed."""
+    if not os.path.exists(err):  # it ended before redirecting its output: the forkserver's stderr has the reason
+        return SimpleNamespace(returncode=process.exitcode, stdout="", stderr="the forked run ended before its start")
+    with open(out) as f, open(err) as g:
+        output = SimpleNamespace(returncode=process.exitcode, stdout=f.read(), stderr=g.read())
+    os.remove(out)
+    os.remove(err)
+    return output
+
+
+def load_as_program(script):
+    """SCRIPT's functions and classes as `python SCRIPT` defines them: in a module that cannot be imported (there,
+    __main__), so that pickling them (dill, for datasets' cache) cannot refer to them by name."""
+    return runpy.run_path(f"{ROOT}/{script}", run_name="as_a_program")
 
 
 def read_metrics(workdir, run_prefix):
@@ -44,18 +95,18 @@ def read_metrics(workdir, run_prefix):
 
 
 def assert_resume_reproduces(script, workdir, name, *flags):
-    """Run SCRIPT straight for 3 updates; run it again, SIGKILL it once its update-2 checkpoint exists and resume from
+    """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint exists and resume from
     that: the resumed run logs the same metrics (timings aside). Returns both runs' metrics."""
     flags = ["--total_episodes", "96", "--eval_every", "2", "--eval_samples", "16", *flags]
-    run_script(script, workdir, "--exp_name", f"{name}_straight", *flags)
-    proc = subprocess.Popen([sys.executable, f"{ROOT}/{script}", "--tiny", "--exp_name", f"{name}_killed",
-                             "--save_every", "2", *flags], cwd=workdir, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
+    process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)
     deadline = time.time() + 300
     while not glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint/state.json") and time.time() < deadline:
+        assert process.is_alive(), finished(process, out, err).stderr[-3000:]
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    process.kill()  # SIGKILL
+    process.join()
+    finished(process, out, err)
     (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint")
     with open(f"{checkpoint}/state.json") as f:
         assert json.load(f)["update"] == 2

@@ -16,15 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import rebel_chat
-from conftest import read_metrics, run_script
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline; one thread
-# per process: tiny models gain nothing from more, and on a shared CPU spinning threads cost several times the run time
+from conftest import load_as_program, read_metrics, run_script
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """The same for the tests that run models in this process."""
+    """One thread for the tests that run models in this process, as conftest.py sets for the runs: tiny models gain
+    nothing from more, and on a shared CPU spinning threads cost several times the run time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -205,6 +203,20 @@ def test_long_prompts_are_dropped_and_counted_in_the_policy_template(tmp_path, c
     assert "dropped 2 of 4 prompts longer than --max_prompt_length 40" in capsys.readouterr().out
 
 
+def test_tokenized_prompts_are_cached_across_runs(tmp_path):
+    """datasets reuses an earlier run's tokenized prompts only if it can hash the transforms: they hold no Args of a
+    script run as a program (dill cannot pickle its tyro markers), or each run would tokenize into new cache files."""
+    from transformers import ByT5Tokenizer
+    script = load_as_program("rebel_chat.py")
+    tokenizer = ByT5Tokenizer()
+    tokenizer.chat_template = script["TINY_POLICY_TEMPLATE"]
+    os.makedirs(tmp_path / "data")
+    with open(tmp_path / "data" / "train-00000-of-00001.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "x"}) + "\n")
+    args = script["Args"](dataset=str(tmp_path))
+    assert len({script["load_prompts"](args, tokenizer, "train", 0)._fingerprint for _ in range(2)}) == 1
+
+
 def test_nectar_transcripts_become_chat_messages():
     assert rebel_chat.to_messages("Hi there") == [{"role": "user", "content": "Hi there"}]
     assert rebel_chat.to_messages("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a cat.\n\nAssistant:") == [
@@ -286,7 +298,7 @@ def test_tiny_assets_follow_their_paths(tmp_path, monkeypatch):
 
 
 def run(workdir, *flags, **kwargs):
-    return run_script("rebel_chat.py", workdir, *flags, env=ENV, **kwargs)
+    return run_script("rebel_chat.py", workdir, *flags, **kwargs)
 
 
 def metrics_of(workdir, exp_name):

@@ -17,8 +17,6 @@ from safetensors.torch import load_file
 import rebel_lcm
 from conftest import read_metrics, run_script
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1")  # conftest.py sets HF_HUB_OFFLINE=1 and WANDB_MODE=offline
-
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
@@ -195,7 +193,7 @@ def test_tiny_assets_are_written_where_the_flags_point(workdir, tmp_path, monkey
 
 
 def run(workdir, *flags, **kwargs):
-    return run_script("rebel_lcm.py", workdir, *flags, env=ENV, **kwargs)
+    return run_script("rebel_lcm.py", workdir, *flags, **kwargs)
 
 
 def metrics_of(workdir, exp_name):

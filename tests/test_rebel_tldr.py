@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import rebel_tldr
-from conftest import assert_resume_reproduces, assert_tiny_run_learns, read_metrics, ROOT, run_script
+from conftest import (assert_resume_reproduces, assert_tiny_run_learns, load_as_program, read_metrics, ROOT,
+                      run_script)
 
 
 def tiny_policy(vocab_size=300, layers=2, hidden=32):
@@ -255,6 +256,16 @@ def test_long_prompts_are_dropped_and_counted(tmp_path, capsys):
     assert [len(q) for q in data["query_token"]] == [10, 60]
     assert data["reference_token"][0][-1] == ByT5Tokenizer().eos_token_id  # EOS appended where missing
     assert "dropped 2 of 4 prompts longer than --query_length 60" in capsys.readouterr().out
+
+
+def test_tokenized_prompts_are_cached_across_runs(tmp_path):
+    """datasets reuses an earlier run's tokenized prompts only if it can hash the transforms: they hold no Args of a
+    script run as a program (dill cannot pickle its tyro markers), or each run would tokenize into new cache files."""
+    from transformers import ByT5Tokenizer
+    script = load_as_program("rebel_tldr.py")
+    write_jsonl(tmp_path / "data", [{"query": "x", "reference_response": " y"}])
+    args = script["Args"](dataset=str(tmp_path / "data"))
+    assert len({script["load_prompts"](args, ByT5Tokenizer(), "train", 0)._fingerprint for _ in range(2)}) == 1
 
 
 def test_indivisible_batch_sizes_are_rejected(workdir):

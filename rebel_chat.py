@@ -343,7 +343,7 @@ def load_prompts(args, tokenizer, split, rank):
     if "prompt" not in dataset.column_names:
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column 'prompt'; found {dataset.column_names}")
 
-    # numbers, not `args`, in the transforms: datasets caches only what dill hashes, and a script's Args it cannot
+    # numbers, not `args`, in the transforms: datasets reuses its cache only for what dill can hash, not a script's Args
     max_prompt_length = args.max_prompt_length
 
     def tokenize(batch):  # the policy's chat template, ending with the assistant's turn header

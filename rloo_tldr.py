@@ -245,7 +245,7 @@ def load_prompts(args, tokenizer, split, rank):
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")
 
-    # numbers, not `args`, in the transforms: datasets caches only what dill hashes, and a script's Args it cannot
+    # numbers, not `args`, in the transforms: datasets reuses its cache only for what dill can hash, not a script's Args
     eos, response_length, query_length = tokenizer.eos_token_id, args.response_length, args.query_length
 
     def tokenize(batch):

@@ -382,7 +382,7 @@ def mean_over_ranks(metrics):
 def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
     """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
     learning rate and the data position follow; gathered on rank 0's CPU only. Written beside the last checkpoint,
-    then swapped in: a crash while saving leaves the previous checkpoint whole."""
+    then swapped in: a crash while writing leaves the previous checkpoint whole."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}

@@ -321,7 +321,7 @@ def lora_state_dict(unet):
 
 def save_checkpoint(path, unet, optimizer, generator, buffers, update, rank):
     """LoRA weights (safetensors), optimizer state, every rank's generator state, the reward buffers and the update
-    index. Written beside the last checkpoint, then swapped in: a crash while saving leaves the previous one whole."""
+    index. Written beside the last checkpoint, then swapped in: a crash while writing leaves the previous one whole."""
     rng = {"generator": generator.get_state()}
     rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
     if dist.is_initialized():

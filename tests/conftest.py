@@ -81,10 +81,18 @@ def finished(process, out, err):
     return output
 
 
-def load_as_program(script):
-    """SCRIPT's functions and classes as `python SCRIPT` defines them: in a module that cannot be imported (there,
-    __main__), so that pickling them (dill, for datasets' cache) cannot refer to them by name."""
-    return runpy.run_path(f"{ROOT}/{script}", run_name="as_a_program")
+def assert_tokenization_is_cached(script, loader, tokenizer, **fields):
+    """datasets reuses an earlier run's tokenized data only if it can hash the transforms: SCRIPT's `loader`, defined
+    as `python SCRIPT` defines it (in a module that cannot be imported, so that dill pickles its Args by value, which
+    tyro's markers forbid), gives the same fingerprint twice; with a random one, each run tokenizes into new files."""
+    program = runpy.run_path(f"{ROOT}/{script}", run_name="as_a_program")
+    args = program["Args"](**fields)
+    assert len({program[loader](args, tokenizer, "train", 0)._fingerprint for _ in range(2)}) == 1
+
+
+def tensor_layout(model):
+    """Name, shape and dtype of every tensor and buffer of `model`."""
+    return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
 
 
 def read_metrics(workdir, run_prefix):

@@ -6,14 +6,15 @@ import os
 import runpy
 import sys
 
+import numpy
+
 
 def run_as_main(path, argv, cwd, env, out, err):
     """`python path argv` in `cwd` with environment `env`, its stdout and stderr written to the files `out` and `err`,
     ending as a python process ends: the traceback of an uncaught exception, atexit handlers, the exit status."""
     for fd, file in [(1, out), (2, err)]:
         os.dup2(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    if "numpy" in sys.modules:  # the preloading process's seed, shared by every fork; python's `random` reseeds itself
-        sys.modules["numpy"].random.seed()
+    numpy.random.seed()  # else the preloading process's state, shared by every fork (python's `random` reseeds itself)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)

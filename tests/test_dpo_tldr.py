@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpo_tldr
-from conftest import load_as_program, read_metrics, run_script
+from conftest import assert_tokenization_is_cached, read_metrics, run_script
 
 
 def test_dpo_loss_is_its_formula():
@@ -40,15 +40,12 @@ def test_pairs_share_the_response_column():
 
 
 def test_tokenized_preferences_are_cached_across_runs(tmp_path):
-    """As the prompts (test_rebel_tldr.py): the transforms hold no Args, so that datasets can hash them and reuse an
-    earlier run's tokenized pairs."""
     from transformers import ByT5Tokenizer
-    script = load_as_program("dpo_tldr.py")
     os.makedirs(tmp_path / "pairs")
     with open(tmp_path / "pairs" / "train.jsonl", "w") as f:
         f.write(json.dumps({"query": "x", "chosen": " y", "rejected": " z"}) + "\n")
-    args = script["Args"](preference_dataset=str(tmp_path / "pairs"))
-    assert len({script["load_preferences"](args, ByT5Tokenizer(), "train", 0)._fingerprint for _ in range(2)}) == 1
+    assert_tokenization_is_cached("dpo_tldr.py", "load_preferences", ByT5Tokenizer(),
+                                  preference_dataset=str(tmp_path / "pairs"))
 
 
 def run(workdir, *flags, **kwargs):

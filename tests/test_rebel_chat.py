@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import rebel_chat
-from conftest import load_as_program, read_metrics, run_script
+from conftest import assert_tokenization_is_cached, read_metrics, run_script, tensor_layout
 
 
 @pytest.fixture(autouse=True)
@@ -162,12 +162,10 @@ def test_armorm_loads_without_remote_code_and_scores_as_by_hand(tmp_path):
     assert isinstance(rm.model, rebel_chat.ArmoRewardModel)
     # what the ranks but rank 0 build under FSDP2 before rank 0 broadcasts the weights: the same tensors and buffers
     # in the same dtypes, without memory; in bf16 too, as on a GPU
-    def tensors(model):
-        return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
     for dtype in [torch.float32, torch.bfloat16]:
         loaded = rebel_chat.load_reward_model(str(tmp_path / "armo"), dtype, False)
         empty = rebel_chat.load_reward_model(str(tmp_path / "armo"), dtype, False, meta=True)
-        assert tensors(empty) == tensors(loaded) and all(v.is_meta for v in empty.state_dict().values())
+        assert tensor_layout(empty) == tensor_layout(loaded) and all(v.is_meta for v in empty.state_dict().values())
     chats = [("Why cat?", "dog"), ("Tell me about a plan?", "a job and a car")]
     with torch.no_grad():
         scores = rm([[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in chats])
@@ -204,17 +202,13 @@ def test_long_prompts_are_dropped_and_counted_in_the_policy_template(tmp_path, c
 
 
 def test_tokenized_prompts_are_cached_across_runs(tmp_path):
-    """datasets reuses an earlier run's tokenized prompts only if it can hash the transforms: they hold no Args of a
-    script run as a program (dill cannot pickle its tyro markers), or each run would tokenize into new cache files."""
     from transformers import ByT5Tokenizer
-    script = load_as_program("rebel_chat.py")
     tokenizer = ByT5Tokenizer()
-    tokenizer.chat_template = script["TINY_POLICY_TEMPLATE"]
+    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE
     os.makedirs(tmp_path / "data")
     with open(tmp_path / "data" / "train-00000-of-00001.jsonl", "w") as f:
         f.write(json.dumps({"prompt": "x"}) + "\n")
-    args = script["Args"](dataset=str(tmp_path))
-    assert len({script["load_prompts"](args, tokenizer, "train", 0)._fingerprint for _ in range(2)}) == 1
+    assert_tokenization_is_cached("rebel_chat.py", "load_prompts", tokenizer, dataset=str(tmp_path))
 
 
 def test_nectar_transcripts_become_chat_messages():

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import rebel_tldr
-from conftest import (assert_resume_reproduces, assert_tiny_run_learns, load_as_program, read_metrics, ROOT,
-                      run_script)
+from conftest import (assert_resume_reproduces, assert_tiny_run_learns, assert_tokenization_is_cached, read_metrics,
+                      ROOT, run_script, tensor_layout)
 
 
 def tiny_policy(vocab_size=300, layers=2, hidden=32):
@@ -219,12 +219,8 @@ def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_pa
             for dtype in [torch.float32, torch.bfloat16]:
                 loaded = rebel_tldr.load_reward_model(str(tmp_path / path), dtype, False)
                 empty = rebel_tldr.load_reward_model(str(tmp_path / path), dtype, False, meta=True)
-                assert tensors(empty) == tensors(loaded) and empty.bias == loaded.bias
+                assert tensor_layout(empty) == tensor_layout(loaded) and empty.bias == loaded.bias
                 assert all(v.is_meta for v in empty.state_dict().values())
-
-
-def tensors(model):
-    return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
 
 
 class DataArgs:
@@ -259,13 +255,9 @@ def test_long_prompts_are_dropped_and_counted(tmp_path, capsys):
 
 
 def test_tokenized_prompts_are_cached_across_runs(tmp_path):
-    """datasets reuses an earlier run's tokenized prompts only if it can hash the transforms: they hold no Args of a
-    script run as a program (dill cannot pickle its tyro markers), or each run would tokenize into new cache files."""
     from transformers import ByT5Tokenizer
-    script = load_as_program("rebel_tldr.py")
     write_jsonl(tmp_path / "data", [{"query": "x", "reference_response": " y"}])
-    args = script["Args"](dataset=str(tmp_path / "data"))
-    assert len({script["load_prompts"](args, ByT5Tokenizer(), "train", 0)._fingerprint for _ in range(2)}) == 1
+    assert_tokenization_is_cached("rebel_tldr.py", "load_prompts", ByT5Tokenizer(), dataset=str(tmp_path / "data"))
 
 
 def test_indivisible_batch_sizes_are_rejected(workdir):

@@ -51,7 +51,7 @@ class Args:
     """the wandb entity (team)"""
     tiny: bool = False
     """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (where missing) and train on them,
-    on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set otherwise"""
+    on CPU in about a minute: the TINY defaults (end of file) replace every paper default that no flag changed"""
 
     # models and data (App. H.1.1-H.1.2); a hub ID or a local path
     sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
@@ -197,9 +197,7 @@ def shard_from_rank0(model, mp_policy, device, rank):
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
-        if rank == 0:
-            buffer.copy_(buffers[i])
-        dist.broadcast(buffer, 0)
+        dist.broadcast(buffer.copy_(buffers[i]) if rank == 0 else buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -207,15 +205,13 @@ def shard_from_rank0(model, mp_policy, device, rank):
 def load_policy(name, dtype, args, device, rank, mp_policy=None):
     """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
     torchrun), read by rank 0 alone and sharded (shard_from_rank0)."""
-    if mp_policy is None:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
-    if rank == 0:
+    if mp_policy is None or rank == 0:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
     else:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
                 name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
-    return shard_from_rank0(model, mp_policy, device, rank)
+    return model.to(device) if mp_policy is None else shard_from_rank0(model, mp_policy, device, rank)
 
 
 def frozen_copy(model, dtype, args, device, mp_policy=None):
@@ -227,9 +223,8 @@ def frozen_copy(model, dtype, args, device, mp_policy=None):
         shard(ref_policy, mp_policy)
     ref_policy.to_empty(device=device)
     with torch.no_grad():
-        for copy, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
-                                                                                      *model.buffers()]):
-            copy.copy_(original)
+        for target, source in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(), *model.buffers()]):
+            target.copy_(source)
     return ref_policy.eval().requires_grad_(False)
 
 
@@ -244,8 +239,7 @@ def enable_gradient_checkpointing(model):
 
 def load_prompts(args, tokenizer, split, rank):
     dataset = load_dataset(args.dataset, split=split)
-    missing = {"query", "reference_response"} - set(dataset.column_names)
-    if missing:
+    if missing := {"query", "reference_response"} - set(dataset.column_names):
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")
 
@@ -341,7 +335,7 @@ def sample_and_score(model, ref_policy, ref_context, reward_model, queries, quer
     """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it,
     so that pi, pi_0 and the RM below all see the truncated response), and, in no-grad passes over micro-batches of
     `per_device_train_batch_size` prompts' responses: their per-token log-probs under pi and pi_0 (0 after the EOS), at the
-    training temperature on purpose (the regression's ln pi_t is that of the policy being trained, whatever the
+    training temperature on purpose (the loss's ln pi_t is that of the policy being trained, whatever the
     sampler's temperature) and also at the sampling one (Table 1's KL of near-greedy evaluation samples); and the RM
     score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
     context_length = queries.shape[1]
@@ -410,7 +404,7 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     """The clipped surrogate objective and the clipped value loss, per response token (Schulman et al., 2017):
       L_pi = -min(rho A, clip(rho, 1 - eps, 1 + eps) A),  rho = pi_theta(y_h|x, y_<h) / pi_t(y_h|x, y_<h)
       L_V  = 1/2 max((V - R)^2, (V_t + clip(V - V_t, -eps_V, eps_V) - R)^2)
-    returns L_pi + vf_coef L_V averaged over the response tokens, and L_pi, L_V and the two clip fractions."""
+    returns L_pi + vf_coef L_V averaged over the response tokens, and by name L_pi, L_V and the two clip fractions."""
     ratio = (logprobs - old_logprobs).exp()
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * ratio.clamp(1.0 - args.cliprange, 1.0 + args.cliprange)
@@ -419,8 +413,8 @@ def ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, ma
     vf_losses, vf_losses_clipped = (values - returns) ** 2, (values_clipped - returns) ** 2
     vf_loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
     clipfrac = masked_mean((pg_losses_clipped > pg_losses).float(), mask)
-    return (pg_loss + args.vf_coef * vf_loss, pg_loss, vf_loss, clipfrac,
-            masked_mean((vf_losses_clipped > vf_losses).float(), mask))
+    vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).float(), mask)
+    return pg_loss + args.vf_coef * vf_loss, dict(pg_loss=pg_loss, vf_loss=vf_loss, clipfrac=clipfrac, vf_clipfrac=vf_clipfrac)
 
 
 def mean_over_ranks(metrics):
@@ -478,8 +472,7 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
     """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
     at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
     score, EOS share, and the sample table. Prompts are split evenly over ranks."""
-    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl_at_eval_temperature", "eval/kl_at_train_temperature",
-                                    "eval/win_rate", "eval/eos_share"], 0.0)
+    rows, sums = [], {}
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             batch = dataset[i: i + args.rollout_batch_size]
@@ -489,10 +482,11 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
             references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
             reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
-            for key, values in zip(sums, [out["scores"], out["kl_at_sample_temperature"],
-                                          out["logprobs"] - out["ref_logprobs"], out["scores"] > reference_scores,
-                                          out["contains_eos"]]):
-                sums[key] += values.float().sum()
+            for key, values in {"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
+                                "eval/kl_at_train_temperature": out["logprobs"] - out["ref_logprobs"],
+                                "eval/win_rate": out["scores"] > reference_scores,
+                                "eval/eos_share": out["contains_eos"]}.items():
+                sums[key] = sums.get(key, 0.0) + values.float().sum()
             texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
                      for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
             rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs) for q, r, ref, s, rs in zip(
@@ -573,10 +567,8 @@ if __name__ == "__main__":
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, local_rank = 0, 0
+    rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -667,14 +659,12 @@ if __name__ == "__main__":
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
-    start_update = 0
-    if args.resume_from:
-        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
-        if master:  # forget what the interrupted run logged after its checkpoint
-            with open(f"{run_dir}/metrics.jsonl") as f:
-                kept = [line for line in f if json.loads(line)["update"] <= start_update]
-            with open(f"{run_dir}/metrics.jsonl", "w") as f:
-                f.writelines(kept)
+    start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank) if args.resume_from else 0
+    if args.resume_from and master:  # forget what the interrupted run logged after its checkpoint
+        with open(f"{run_dir}/metrics.jsonl") as f:
+            kept = [line for line in f if json.loads(line)["update"] <= start_update]
+        with open(f"{run_dir}/metrics.jsonl", "w") as f:
+            f.writelines(kept)
 
     def log(metrics, rows=None):
         if not master:
@@ -683,9 +673,7 @@ if __name__ == "__main__":
             f.write(json.dumps(metrics) + "\n")
         if rows:
             with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+                csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
         if args.track:
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
@@ -737,36 +725,36 @@ if __name__ == "__main__":
 
         # 3. `num_epochs` PPO epochs of AdamW over shuffled minibatches, for the policy and the value network together
         update_start = time.time()
-        stats = torch.zeros(6, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for k in ["pg_loss", "vf_loss", "clipfrac", "vf_clipfrac", "approxkl", "entropy"]}  # per micro-step
         skipped_steps = 0
         for epoch in range(args.num_epochs):
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
                 for micro in range(args.gradient_accumulation_steps):
                     first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
-                    rows = permutation[first: first + args.per_device_train_batch_size]
+                    seqs = permutation[first: first + args.per_device_train_batch_size]
                     policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
                     with autocast:
-                        new_logprobs, entropy, new_values = policy(query_responses[rows], attention_masks[rows],
+                        new_logprobs, entropy, new_values = policy(query_responses[seqs], attention_masks[seqs],
                                                                    context_length, args.temperature, epoch == 0)
-                    loss, pg_loss, vf_loss, clipfrac, vf_clipfrac = ppo_loss(
-                        new_logprobs, logprobs[rows], advantages[rows], new_values, values[rows], returns[rows],
-                        response_masks[rows], args)
+                    loss, loss_stats = ppo_loss(new_logprobs, logprobs[seqs], advantages[seqs], new_values, values[seqs],
+                                                returns[seqs], response_masks[seqs], args)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
-                        approxkl = 0.5 * masked_mean((new_logprobs - logprobs[rows]).pow(2), response_masks[rows])
-                        stats[:5, epoch, minibatch, micro] = torch.stack([pg_loss, vf_loss, approxkl, clipfrac,
-                                                                          vf_clipfrac])
+                        at = epoch, minibatch, micro
+                        for key, value in loss_stats.items():
+                            stats[key][at] = value
+                        stats["approxkl"][at] = 0.5 * masked_mean((new_logprobs - logprobs[seqs]).pow(2), response_masks[seqs])
                         if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
-                            stats[5, 0, minibatch, micro] = masked_mean(entropy, response_masks[rows])
+                            stats["entropy"][at] = masked_mean(entropy, response_masks[seqs])
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
                     optimizer.step()
                     skipped_in_a_row = 0
                 else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
-                    skipped_steps += 1
-                    skipped_in_a_row += 1
+                    skipped_steps, skipped_in_a_row = skipped_steps + 1, skipped_in_a_row + 1
                     if skipped_in_a_row == 3:
                         raise FloatingPointError(
                             f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
@@ -776,20 +764,18 @@ if __name__ == "__main__":
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
-        pg_loss, vf_loss, approxkl, clipfrac, vf_clipfrac, entropy = stats
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": scores.mean(), "objective/kl": kl.sum(1).mean(), "objective/rewards": rewards.sum(1).mean(),
-            "objective/eos_share": rollout["contains_eos"].float().mean(), "ppo/loss/policy": pg_loss.mean(),
-            "ppo/loss/value": vf_loss.mean(), "ppo/policy/approxkl": approxkl.mean(),
-            "ppo/policy/clipfrac": clipfrac.mean(), "ppo/val/clipfrac": vf_clipfrac.mean(),
-            "policy/entropy": entropy[0].mean(), "ppo/val/mean": masked_mean(values, response_masks)}),
+            "objective/eos_share": rollout["contains_eos"].float().mean(), "ppo/loss/policy": stats["pg_loss"].mean(),
+            "ppo/loss/value": stats["vf_loss"].mean(), "ppo/policy/approxkl": stats["approxkl"].mean(),
+            "ppo/policy/clipfrac": stats["clipfrac"].mean(), "ppo/val/clipfrac": stats["vf_clipfrac"].mean(),
+            "policy/entropy": stats["entropy"][0].mean(), "ppo/val/mean": masked_mean(values, response_masks)}),
             "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"],
             "time/rollout_s": rollout_time, "time/update_s": update_time,
             "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
             "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                             eos=f"{metrics['objective/eos_share']:.2f}")
+        progress.set_postfix({k: f"{metrics[f'objective/{k}']:.3f}" for k in ["scores", "kl", "eos_share"]})
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
@@ -804,8 +790,7 @@ if __name__ == "__main__":
     # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards
     if lora and master:
         raw_policy.save_pretrained(f"{run_dir}/adapter")
-        merged = raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype)
-        merged.save_pretrained(f"{run_dir}/model")
+        raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype).save_pretrained(f"{run_dir}/model")
     elif not lora:
         model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
         if master:

@@ -52,8 +52,8 @@ class Args:
     """the wandb entity (team)"""
     tiny: bool = False
     """write tiny random-weight models and a synthetic chat-prompt dataset to runs/tiny_chat/ (where missing) and train
-    on them, on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set
-    otherwise"""
+    on them, on CPU in about a minute: the TINY defaults (end of file) replace every paper default that no flag
+    changed"""
 
     # models and data (Section 5.2, App. H.2.1-H.2.2); a hub ID or a local path
     sft_model: str = "openchat/openchat_3.5"
@@ -244,9 +244,7 @@ def shard_from_rank0(model, mp_policy, device, rank):
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
-        if rank == 0:
-            buffer.copy_(buffers[i])
-        dist.broadcast(buffer, 0)
+        dist.broadcast(buffer.copy_(buffers[i]) if rank == 0 else buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -278,9 +276,8 @@ def frozen_copy(model, dtype, args, device, mp_policy=None):
         shard(ref_policy, mp_policy)
     ref_policy.to_empty(device=device)
     with torch.no_grad():
-        for tensor, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
-                                                                                        *model.buffers()]):
-            tensor.copy_(original)
+        for target, source in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(), *model.buffers()]):
+            target.copy_(source)
     return ref_policy.eval().requires_grad_(False)
 
 
@@ -452,16 +449,17 @@ def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, 
     return torch.cat(logprobs), torch.cat(kl)
 
 
-def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, temperature, args, device):
-    """Responses to a batch of prompts and what REBEL needs of them: token lists cut after the first end-of-turn; RM
-    scores of the decoded text, with Gamma for a response that never ends its turn (App. H.2.3); and, when there is a
-    pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term ln pi_t - ln pi_0, in no-grad
-    passes over micro-batches of `per_device_train_batch_size` prompts' responses. Without pi_0 the rewards need no
-    log-probs, and the caller computes pi_t's for the pairs' responses only. Also the seconds spent generating, on the
-    RM and on log-probs."""
+def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, sample_temperature, args, device):
+    """Responses to a batch of prompts sampled at `sample_temperature`, and what REBEL needs of them: token lists cut
+    after the first end-of-turn; RM scores of the decoded text, Gamma for a response that never ends its turn (App.
+    H.2.3); and, when there is a pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term
+    ln pi_t - ln pi_0, at the training temperature on purpose (the regression's ln pi_t is that of the policy being
+    trained; evaluation's KL too), in no-grad passes over micro-batches of `per_device_train_batch_size` prompts'
+    responses. Without pi_0 the rewards need no log-probs: the caller computes pi_t's for the pairs' responses only.
+    Also the seconds spent generating, on the RM and on log-probs."""
     tic = time.time()
     queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
-    responses = generate(model, queries, query_mask, num_samples, args, temperature)
+    responses = generate(model, queries, query_mask, num_samples, args, sample_temperature)
     eos_index, contains_eos = first_eos(responses, args.eos_token_ids)
     lengths = torch.where(contains_eos, eos_index + 1, responses.shape[1]).tolist()
     responses = [r[:n] for r, n in zip(responses.tolist(), lengths)]
@@ -564,17 +562,14 @@ def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device,
     """Near-greedy answers to the held-out prompts: RM score (Gamma without end-of-turn, as in training),
     KL(pi || pi_0) (when pi_0 is loaded), end-of-turn share, response length, and the sample table. Prompts are split
     evenly over ranks."""
-    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl", "eval/eos_share", "eval/response_length"], 0.0)
-    if ref_policy is None:
-        del sums["eval/kl"]
+    rows, sums = [], {}
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             out = sample_and_score(policy, ref_policy, reward_model, tokenizer, dataset[i: i + args.rollout_batch_size],
                                    1, args.eval_temperature, args, device)
-            values = {"eval/scores": out["scores"], "eval/kl": out.get("kl"), "eval/eos_share": out["contains_eos"],
-                      "eval/response_length": out["lengths"]}
-            for key in sums:
-                sums[key] += values[key].float().sum()
+            for key, values in {"eval/scores": out["scores"], **({"eval/kl": out["kl"]} if "kl" in out else {}),
+                                "eval/eos_share": out["contains_eos"], "eval/response_length": out["lengths"]}.items():
+                sums[key] = sums.get(key, 0.0) + values.float().sum()
             rows += [dict(prompt=p, response=t, score=s) for p, t, s in zip(out["prompts"], out["texts"],
                                                                            out["scores"].tolist())]
     metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
@@ -603,14 +598,11 @@ def write_tiny_assets(args):
     paper starts from chat models too), so that it answers with a few words and ends its turn; the RM's head is
     normalised so that those answers score mean 0, std 1."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-    missing = [not os.path.exists(path) for path in [  # the last file of each asset
-        f"{args.dataset}/data/test_prefs-00000-of-00001.jsonl", f"{args.sft_model}/tokenizer_config.json",
-        f"{args.reward_model}/tokenizer_config.json"]]
     g = random.Random(0)
     torch.manual_seed(0)
     tokenizer, rm_tokenizer = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=0)
     tokenizer.chat_template, rm_tokenizer.chat_template = TINY_POLICY_TEMPLATE, TINY_RM_TEMPLATE
-    if missing[0]:
+    if not os.path.exists(f"{args.dataset}/data/test_prefs-00000-of-00001.jsonl"):  # each asset: its last file
         words = "cat dog rent job friend move car game date boss school money sister plan".split()
         os.makedirs(f"{args.dataset}/data", exist_ok=True)
         for split, n in [("train_prefs", 1024), ("test_prefs", 128)]:
@@ -622,9 +614,8 @@ def write_tiny_assets(args):
                     f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
                         k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
                         for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
-    if missing[1] or missing[2]:
-        chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
-    if missing[1]:
+    chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
+    if not os.path.exists(f"{args.sft_model}/tokenizer_config.json"):
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
                              tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
@@ -644,7 +635,7 @@ def write_tiny_assets(args):
             optimizer.zero_grad()
         policy.save_pretrained(args.sft_model)
         tokenizer.save_pretrained(args.sft_model)
-    if missing[2]:
+    if not os.path.exists(f"{args.reward_model}/tokenizer_config.json"):
         rm_config = LlamaConfig(vocab_size=len(rm_tokenizer), hidden_size=64, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
                                 max_position_embeddings=256, num_labels=1, pad_token_id=rm_tokenizer.pad_token_id)
@@ -668,10 +659,8 @@ if __name__ == "__main__":
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, local_rank = 0, 0
+    rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -730,8 +719,7 @@ if __name__ == "__main__":
     frozen = args.num_layers_unfrozen > 0
     fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not frozen \
         else None  # full-parameter training under torchrun: the policy, pi_0 and the RM sharded with FSDP2
-    raw_policy = load_policy(args.sft_model, compute_dtype if frozen else torch.float32, args, device, rank,
-                             fsdp).eval()
+    raw_policy = load_policy(args.sft_model, compute_dtype if frozen else torch.float32, args, device, rank, fsdp).eval()
     eos = raw_policy.generation_config.eos_token_id  # the chat model's end-of-turn token(s), e.g. Llama-3's <|eot_id|>
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     args.eos_token_ids = tuple(sorted({tokenizer.eos_token_id, *eos}))
@@ -769,14 +757,12 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
 
-    start_update = 0
-    if args.resume_from:
-        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
-        if master:  # forget what the interrupted run logged after its checkpoint
-            with open(f"{run_dir}/metrics.jsonl") as f:
-                kept = [line for line in f if json.loads(line)["update"] <= start_update]
-            with open(f"{run_dir}/metrics.jsonl", "w") as f:
-                f.writelines(kept)
+    start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank) if args.resume_from else 0
+    if args.resume_from and master:  # forget what the interrupted run logged after its checkpoint
+        with open(f"{run_dir}/metrics.jsonl") as f:
+            kept = [line for line in f if json.loads(line)["update"] <= start_update]
+        with open(f"{run_dir}/metrics.jsonl", "w") as f:
+            f.writelines(kept)
 
     def log(metrics, rows=None):
         if not master:
@@ -785,9 +771,7 @@ if __name__ == "__main__":
             f.write(json.dumps(metrics) + "\n")
         if rows:
             with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+                csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
             with open(f"{run_dir}/alpaca_eval_update{metrics['update']}.json", "w") as f:  # AlpacaEval's model_outputs
                 json.dump([dict(instruction=r["prompt"], output=r["response"], generator=run_name) for r in rows], f,
                           indent=1)
@@ -797,8 +781,7 @@ if __name__ == "__main__":
 
     metrics = {}
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
-        eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device,
-                                      autocast)
+        eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
         metrics = {"update": 0, "episode": 0, **eval_metrics}
         log(metrics, rows)
 
@@ -854,7 +837,8 @@ if __name__ == "__main__":
 
         # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
-        stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
         skipped_steps = 0
         # on the CPU: the micro-batches are packed from token lists, and reading indices off a GPU would sync each time
         permutations = torch.stack([torch.randperm(args.local_batch_size, generator=shuffle_generator)
@@ -889,18 +873,18 @@ if __name__ == "__main__":
                     loss = (losses * trained_on[pairs]).sum() * args.world_size / num_trained_on[epoch][minibatch]
                     loss.backward()
                     with torch.no_grad():
-                        approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        stats[:2, epoch, minibatch, micro] = torch.stack([loss, approxkl])
+                        at = epoch, minibatch, micro
+                        stats["loss"][at] = loss
+                        stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
-                            stats[2, 0, minibatch, micro] = (entropy * response_mask).sum() / response_mask.sum()
+                            stats["entropy"][at] = (entropy * response_mask).sum() / response_mask.sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
                     optimizer.step()
                     skipped_in_a_row = 0
                 else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
-                    skipped_steps += 1
-                    skipped_in_a_row += 1
+                    skipped_steps, skipped_in_a_row = skipped_steps + 1, skipped_in_a_row + 1
                     if skipped_in_a_row == 3:
                         raise FloatingPointError(
                             f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
@@ -910,7 +894,6 @@ if __name__ == "__main__":
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per iteration), evaluate, checkpoint
-        loss, approxkl, entropy = stats  # the means are over the minibatches that ran (NaN if all pairs were dropped)
         gaps = rewards[0::2] - rewards[1::2]  # tied pairs are kept: their term pulls the two log-ratios together
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": rollout["scores"].mean(),
@@ -919,9 +902,11 @@ if __name__ == "__main__":
             "objective/eos_share": rollout["contains_eos"].float().mean(),
             "objective/response_length": rollout["lengths"].mean(), "objective/tied_share": (gaps == 0).float().mean(),
             "objective/reward_gap": gaps.abs().mean(), "objective/dropped_share": 1 - trained_on.float().mean(),
-            "rebel/loss": loss.sum(-1)[ran].mean(), "rebel/approxkl": approxkl[ran].mean(),
-            "policy/entropy": entropy[0][ran[0]].mean(), "rebel/loss_first_epoch": loss[0].sum(-1)[ran[0]].mean(),
-            "rebel/loss_last_epoch": loss[-1].sum(-1)[ran[-1]].mean(),
+            # over the minibatches that ran (NaN if all pairs were dropped)
+            "rebel/loss": stats["loss"].sum(-1)[ran].mean(), "rebel/approxkl": stats["approxkl"][ran].mean(),
+            "policy/entropy": stats["entropy"][0][ran[0]].mean(),
+            "rebel/loss_first_epoch": stats["loss"][0].sum(-1)[ran[0]].mean(),
+            "rebel/loss_last_epoch": stats["loss"][-1].sum(-1)[ran[-1]].mean(),
             "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"]}),
             "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"], "eta": eta,
             "time/rollout_s": rollout_time, "time/generate_s": seconds["generate"],
@@ -932,8 +917,7 @@ if __name__ == "__main__":
         progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", eos=f"{metrics['objective/eos_share']:.2f}")
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
-            eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device,
-                                          autocast)
+            eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)
             metrics.update(eval_metrics)
         log(metrics, rows)
 
@@ -946,7 +930,7 @@ if __name__ == "__main__":
     if frozen and master:
         raw_policy.save_pretrained(f"{run_dir}/model")
     elif not frozen:
-        model_state = get_state_dict(policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+        model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
         if master:
             with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
                 model = AutoModelForCausalLM.from_config(raw_policy.config)

@@ -50,8 +50,8 @@ class Args:
     """the wandb entity (team)"""
     tiny: bool = False
     """write a tiny random-weight LCM pipeline, CLIP vision tower and aesthetic head to runs/tiny_lcm/ (unless they
-    exist at --model, --clip_model, --aesthetic_head_path) and train on them, on CPU in about a minute; flags passed
-    explicitly still win over the tiny defaults (see TINY)"""
+    exist at --model, --clip_model, --aesthetic_head_path) and train on them, on CPU in about a minute: the TINY
+    defaults replace every paper default that no flag changed"""
 
     # models and prompts (App. H.3.1-H.3.2); a hub ID or a local path
     model: str = "SimianLuo/LCM_Dreamshaper_v7"
@@ -277,6 +277,14 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta):
     return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
 
 
+def mean_over_ranks(metrics):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
+    values = torch.stack([v.float() for v in metrics.values()]) / (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(metrics, values.tolist()))
+
+
 def image_grid(rows, columns=8, width=192):
     """The evaluation images in a grid, each with its prompt and score under it (nearest-neighbour upscaled to at
     least `width` pixels so that tiny images stay visible)."""
@@ -408,10 +416,8 @@ if __name__ == "__main__":
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, local_rank = 0, 0
+    rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -467,13 +473,12 @@ if __name__ == "__main__":
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
                                 init_lora_weights="gaussian" if args.lora_init == "gaussian" else True,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for p in unet.parameters():  # the trainable LoRA weights in float32, the frozen ones in frozen_dtype
-        if p.requires_grad:
-            p.data = p.data.float()
+    trainable = [p for p in unet.parameters() if p.requires_grad]  # the LoRA weights
+    for p in trainable:  # in float32, the frozen weights in frozen_dtype
+        p.data = p.data.float()
     policy = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else unet
     scorer = load_aesthetic_scorer(args).to(device)
-    optimizer = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=args.lr, eps=args.adam_eps,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
 
     prompts = ANIMALS
     if args.prompts_file:
@@ -530,14 +535,12 @@ if __name__ == "__main__":
         sampling_time = time.time() - sampling_start
 
         # 2. r(x, y): the aesthetic score normalised per prompt over all ranks' samples (App. H.3.3), clipped
+        gathered = torch.stack([scores.float(), prompt_ids.float()])  # every rank's, in rank order, in one all_gather
         if distributed:
-            all_scores, all_ids = [torch.zeros_like(scores) for _ in range(args.world_size)], \
-                [torch.zeros_like(prompt_ids) for _ in range(args.world_size)]
-            dist.all_gather(all_scores, scores)
-            dist.all_gather(all_ids, prompt_ids)
-            all_scores, all_ids = torch.cat(all_scores), torch.cat(all_ids)
-        else:
-            all_scores, all_ids = scores, prompt_ids
+            parts = [torch.empty_like(gathered) for _ in range(args.world_size)]
+            dist.all_gather(parts, gathered)
+            gathered = torch.cat(parts, 1)
+        all_scores, all_ids = gathered[0], gathered[1].long()
         rewards = normalize_rewards(all_scores, [prompts[i] for i in all_ids.tolist()], buffers,
                                     args.stat_buffer_size, args.stat_min_count)
         rewards = rewards.view(args.world_size, -1)[rank].clamp(-args.adv_clip_max, args.adv_clip_max)
@@ -549,17 +552,16 @@ if __name__ == "__main__":
         training_start = time.time()
         losses = torch.zeros(args.gradient_accumulation_steps, device=device)
         for micro in range(args.gradient_accumulation_steps):
-            rows = slice(2 * micro * args.train_batch_size, 2 * (micro + 1) * args.train_batch_size)
+            seqs = slice(2 * micro * args.train_batch_size, 2 * (micro + 1) * args.train_batch_size)
             policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP: sync at the end
             with autocast:
-                new_logprobs = trajectory_logprobs(policy, pipeline.scheduler, latents[rows], prompt_embeds[rows],
-                                                   w_embedding[rows]).sum(1)
-            loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[rows].view(-1, 2), rewards[rows].view(-1, 2),
+                new_logprobs = trajectory_logprobs(policy, pipeline.scheduler, latents[seqs], prompt_embeds[seqs],
+                                                   w_embedding[seqs]).sum(1)
+            loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
                               args.eta)
             (loss / args.gradient_accumulation_steps).backward()
             losses[micro] = loss.detach()
-        grad_norm = nn.utils.clip_grad_norm_([p for p in unet.parameters() if p.requires_grad],
-                                             args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
         # a NaN or inf loss on any rank makes the gradient, which DDP averages, non-finite on every rank: all ranks skip
         # the step together, so the policy never samples from NaN weights
         skipped = not torch.isfinite(grad_norm)
@@ -570,21 +572,18 @@ if __name__ == "__main__":
         training_time = time.time() - training_start
 
         # 4. Log (means over ranks), evaluate at the end of every `eval_every` epochs, checkpoint
-        means = torch.stack([scores.mean(), scores.std(), losses.mean(), grad_norm.to(device)])
-        if distributed:
-            dist.all_reduce(means)
-        means = (means / args.world_size).tolist()
-        peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        epochs_done = update // args.batches_per_epoch
         metrics = {"update": update, "epoch": update / args.batches_per_epoch,
-                   "reward_queries": update * args.world_size * len(scores), **dict(zip(
-                       ["objective/scores", "objective/scores_std", "rebel/loss", "rebel/grad_norm"],
-                       means)), "train/skipped_steps": int(skipped),
-                   "lr": optimizer.param_groups[0]["lr"], "time/sampling_s": sampling_time,
-                   "time/training_s": training_time, "time/sampling_images_per_s": len(scores) / sampling_time,
-                   "time/training_images_per_s": len(scores) / training_time, "memory/peak_gb": peak_gb}
-        progress.set_postfix(score=f"{means[0]:.3f}", loss=f"{means[2]:.3f}")
+                   "reward_queries": update * args.world_size * len(scores), **mean_over_ranks({
+                       "objective/scores": scores.mean(), "objective/scores_std": scores.std(),
+                       "rebel/loss": losses.mean(), "rebel/grad_norm": grad_norm.to(device)}),
+                   "train/skipped_steps": int(skipped), "lr": optimizer.param_groups[0]["lr"],
+                   "time/sampling_s": sampling_time, "time/training_s": training_time,
+                   "time/sampling_images_per_s": len(scores) / sampling_time,
+                   "time/training_images_per_s": len(scores) / training_time,
+                   "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        progress.set_postfix({k: f"{metrics[k]:.3f}" for k in ["objective/scores", "rebel/loss"]})
+        epochs_done = update // args.batches_per_epoch
         rows = None
         if (update % args.batches_per_epoch == 0 and epochs_done % args.eval_every == 0) or update == args.num_updates:
             eval_metrics, rows = evaluate(pipeline, scorer, prompts, w_embedding, args, device, autocast)

@@ -50,7 +50,7 @@ class Args:
     """the wandb entity (team)"""
     tiny: bool = False
     """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (where missing) and train on them,
-    on CPU in about a minute: the TINY defaults (end of file) replace the paper's for every flag not set otherwise"""
+    on CPU in about a minute: the TINY defaults (end of file) replace every paper default that no flag changed"""
 
     # models and data (App. H.1.1-H.1.2); a hub ID or a local path
     sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
@@ -187,9 +187,7 @@ def shard_from_rank0(model, mp_policy, device, rank):
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
-        if rank == 0:
-            buffer.copy_(buffers[i])
-        dist.broadcast(buffer, 0)
+        dist.broadcast(buffer.copy_(buffers[i]) if rank == 0 else buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -197,15 +195,13 @@ def shard_from_rank0(model, mp_policy, device, rank):
 def load_policy(name, dtype, args, device, rank, mp_policy=None):
     """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
     torchrun), read by rank 0 alone and sharded (shard_from_rank0)."""
-    if mp_policy is None:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
-    if rank == 0:
+    if mp_policy is None or rank == 0:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
     else:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
                 name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
-    return shard_from_rank0(model, mp_policy, device, rank)
+    return model.to(device) if mp_policy is None else shard_from_rank0(model, mp_policy, device, rank)
 
 
 def frozen_copy(model, dtype, args, device, mp_policy=None):
@@ -217,9 +213,8 @@ def frozen_copy(model, dtype, args, device, mp_policy=None):
         shard(ref_policy, mp_policy)
     ref_policy.to_empty(device=device)
     with torch.no_grad():
-        for copy, original in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(),
-                                                                                      *model.buffers()]):
-            copy.copy_(original)
+        for target, source in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(), *model.buffers()]):
+            target.copy_(source)
     return ref_policy.eval().requires_grad_(False)
 
 
@@ -234,8 +229,7 @@ def enable_gradient_checkpointing(model):
 
 def load_prompts(args, tokenizer, split, rank):
     dataset = load_dataset(args.dataset, split=split)
-    missing = {"query", "reference_response"} - set(dataset.column_names)
-    if missing:
+    if missing := {"query", "reference_response"} - set(dataset.column_names):
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")
 
@@ -331,7 +325,7 @@ def sample_and_score(model, ref_policy, ref_context, reward_model, queries, quer
     """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it,
     so that pi, pi_0 and the RM below all see the truncated response), and, in no-grad passes over micro-batches of
     `per_device_train_batch_size` prompts' responses: their sequence log-probs under pi and pi_0 up to the EOS, at the
-    training temperature on purpose (the regression's ln pi_t is that of the policy being trained, whatever the
+    training temperature on purpose (the loss's ln pi_t is that of the policy being trained, whatever the
     sampler's temperature) and also at the sampling one (Table 1's KL of near-greedy evaluation samples); and the RM
     score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
     context_length = queries.shape[1]
@@ -421,8 +415,7 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
     """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
     at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
     score, EOS share, and the sample table. Prompts are split evenly over ranks."""
-    rows, sums = [], dict.fromkeys(["eval/scores", "eval/kl_at_eval_temperature", "eval/kl_at_train_temperature",
-                                    "eval/win_rate", "eval/eos_share"], 0.0)
+    rows, sums = [], {}
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             batch = dataset[i: i + args.rollout_batch_size]
@@ -432,10 +425,11 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
             references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
             reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
-            for key, values in zip(sums, [out["scores"], out["kl_at_sample_temperature"],
-                                          out["logprobs"] - out["ref_logprobs"], out["scores"] > reference_scores,
-                                          out["contains_eos"]]):
-                sums[key] += values.float().sum()
+            for key, values in {"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
+                                "eval/kl_at_train_temperature": out["logprobs"] - out["ref_logprobs"],
+                                "eval/win_rate": out["scores"] > reference_scores,
+                                "eval/eos_share": out["contains_eos"]}.items():
+                sums[key] = sums.get(key, 0.0) + values.float().sum()
             texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
                      for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
             rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs) for q, r, ref, s, rs in zip(
@@ -515,10 +509,8 @@ if __name__ == "__main__":
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank, args.world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, local_rank = 0, 0
+    rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -600,14 +592,12 @@ if __name__ == "__main__":
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
-    start_update = 0
-    if args.resume_from:
-        start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank)
-        if master:  # forget what the interrupted run logged after its checkpoint
-            with open(f"{run_dir}/metrics.jsonl") as f:
-                kept = [line for line in f if json.loads(line)["update"] <= start_update]
-            with open(f"{run_dir}/metrics.jsonl", "w") as f:
-                f.writelines(kept)
+    start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank) if args.resume_from else 0
+    if args.resume_from and master:  # forget what the interrupted run logged after its checkpoint
+        with open(f"{run_dir}/metrics.jsonl") as f:
+            kept = [line for line in f if json.loads(line)["update"] <= start_update]
+        with open(f"{run_dir}/metrics.jsonl", "w") as f:
+            f.writelines(kept)
 
     def log(metrics, rows=None):
         if not master:
@@ -616,9 +606,7 @@ if __name__ == "__main__":
             f.write(json.dumps(metrics) + "\n")
         if rows:
             with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+                csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
         if args.track:
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
@@ -662,7 +650,8 @@ if __name__ == "__main__":
 
         # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
-        stats = torch.zeros(3, args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+        stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
         skipped_steps = 0
         for epoch in range(args.num_epochs):
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
@@ -680,19 +669,18 @@ if __name__ == "__main__":
                                       args.eta)
                     (loss / args.gradient_accumulation_steps).backward()
                     with torch.no_grad():
-                        approxkl = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        stats[:2, epoch, minibatch, micro] = torch.stack([loss, approxkl])
+                        at = epoch, minibatch, micro
+                        stats["loss"][at] = loss
+                        stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
                         if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
-                            stats[2, 0, minibatch, micro] = (entropy * response_masks[seqs]).sum() \
-                                / response_masks[seqs].sum()
+                            stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
                     optimizer.step()
                     skipped_in_a_row = 0
                 else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
-                    skipped_steps += 1
-                    skipped_in_a_row += 1
+                    skipped_steps, skipped_in_a_row = skipped_steps + 1, skipped_in_a_row + 1
                     if skipped_in_a_row == 3:
                         raise FloatingPointError(
                             f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
@@ -702,19 +690,17 @@ if __name__ == "__main__":
         update_time = time.time() - update_start
 
         # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
-        loss, approxkl, entropy = stats
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
-            "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": loss.mean(),
-            "rebel/approxkl": approxkl.mean(), "policy/entropy": entropy[0].mean(),
-            "rebel/loss_first_epoch": loss[0].mean(), "rebel/loss_last_epoch": loss[-1].mean()}),
+            "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": stats["loss"].mean(),
+            "rebel/approxkl": stats["approxkl"].mean(), "policy/entropy": stats["entropy"][0].mean(),
+            "rebel/loss_first_epoch": stats["loss"][0].mean(), "rebel/loss_last_epoch": stats["loss"][-1].mean()}),
             "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"],
             "time/rollout_s": rollout_time, "time/update_s": update_time,
             "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
             "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                             eos=f"{metrics['objective/eos_share']:.2f}")
+        progress.set_postfix({k: f"{metrics[f'objective/{k}']:.3f}" for k in ["scores", "kl", "eos_share"]})
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
@@ -729,8 +715,7 @@ if __name__ == "__main__":
     # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards
     if lora and master:
         raw_policy.save_pretrained(f"{run_dir}/adapter")
-        merged = raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype)
-        merged.save_pretrained(f"{run_dir}/model")
+        raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype).save_pretrained(f"{run_dir}/model")
     elif not lora:
         model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
         if master:

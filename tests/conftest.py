@@ -103,8 +103,8 @@ def read_metrics(workdir, run_prefix):
 
 
 def assert_resume_reproduces(script, workdir, name, *flags):
-    """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint exists and resume from
-    that: the resumed run logs the same metrics (timings aside). Returns both runs' metrics."""
+    """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint
+    exists and resume from that: the resumed run logs the same metrics (timings aside). Returns both runs' metrics."""
     flags = ["--total_episodes", "96", "--eval_every", "2", "--eval_samples", "16", *flags]
     run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
     process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)

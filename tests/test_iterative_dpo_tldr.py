@@ -59,10 +59,14 @@ def test_resume_gives_the_same_metrics(workdir):
 
 
 def test_torchrun_two_processes(workdir):
-    run(workdir, "--exp_name", "idpo_torchrun", "--total_episodes", "64", "--eval_samples", "16", torchrun=True)
+    """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
+    run(workdir, "--exp_name", "idpo_torchrun", "--total_episodes", "64", "--eval_samples", "16",
+        "--num_minibatches", "2", "--per_device_train_batch_size", "4", "--eval_temperature", "0.7", torchrun=True)
     run_dir, metrics = metrics_of(workdir, "idpo_torchrun")
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    # --eval_temperature 0.7, the training temperature: one KL (the default 0.01 would give two different ones)
+    assert metrics[-1]["eval/kl_at_eval_temperature"] == metrics[-1]["eval/kl_at_train_temperature"] != 0
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
 

@@ -34,8 +34,8 @@ def test_clipped_objectives_have_zero_gradient_where_clipped():
     mask = torch.ones(1, 5)
     old_values, returns = torch.zeros(1, 5), torch.ones(1, 5)
     values = torch.tensor([[0.5, -0.5, 0.1, 0.5, 0.1]], requires_grad=True)
-    loss, pg_loss, vf_loss, clipfrac, vf_clipfrac = ppo_tldr.ppo_loss(logprobs, old_logprobs, advantages, values,
-                                                                    old_values, returns, mask, args)
+    loss, stats = ppo_tldr.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, args)
+    pg_loss, vf_loss, clipfrac, vf_clipfrac = (stats[k] for k in ["pg_loss", "vf_loss", "clipfrac", "vf_clipfrac"])
     loss.backward()
     # the ratio has left [0.8, 1.2] in the direction the advantage favours: no gradient, the update is done
     assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] == 0
@@ -72,10 +72,14 @@ def test_tiny_run_learns_and_saves(workdir):
 
 @pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4"]], ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
+    """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
     exp_name = "ppo_torchrun_" + ("full" if mode else "lora")
-    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", "--eval_samples", "16", *mode, torchrun=True)
+    run(workdir, "--exp_name", exp_name, "--total_episodes", "64", "--eval_samples", "16", *mode,
+        "--num_minibatches", "2", "--per_device_train_batch_size", "4", "--eval_temperature", "0.7", torchrun=True)
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
+    # --eval_temperature 0.7, the training temperature: one KL (the default 0.01 would give two different ones)
+    assert metrics[-1]["eval/kl_at_eval_temperature"] == metrics[-1]["eval/kl_at_train_temperature"] != 0
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")

@@ -47,6 +47,28 @@ def tiny_rm(tokenizer, template):
     return rebel_chat.ChatRewardModel(model, tokenizer)
 
 
+def test_remote_code_needs_the_flag(tmp_path):
+    """Checkpoints whose configs map to custom code run that code only with --trust_remote_code: the policy, pi_0 (a
+    frozen copy) and the RM. Without it, a known architecture loads as the built-in class."""
+    from transformers import ByT5Tokenizer
+    policy, rm = tiny_llama(layers=2), tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
+    policy.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
+    rm.model.config.auto_map = {"AutoModelForSequenceClassification": "custom.CustomForSequenceClassification"}
+    for model, name in [(policy, "policy"), (rm.model, "rm")]:
+        model.save_pretrained(tmp_path / name)
+        with open(tmp_path / name / "custom.py", "w") as f:
+            f.write("from transformers import LlamaForCausalLM, LlamaForSequenceClassification\n\n\n"
+                    "class CustomForCausalLM(LlamaForCausalLM):\n    custom = True\n\n\n"
+                    "class CustomForSequenceClassification(LlamaForSequenceClassification):\n    custom = True\n")
+    rm.tokenizer.save_pretrained(tmp_path / "rm")
+    for trust in [False, True]:
+        args = SimpleNamespace(trust_remote_code=trust)
+        loaded = rebel_chat.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
+        reference = rebel_chat.frozen_copy(loaded, torch.float32, args, "cpu")
+        reward_model = rebel_chat.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
+        assert [hasattr(m, "custom") for m in [loaded, reference, reward_model.model]] == [trust] * 3
+
+
 # a left-padded batch of prompts and right-padded responses of different lengths
 BATCH = dict(queries=[[5, 6, 7, 8], [9, 10]], responses=[[11, 12, 1], [13]], pad_id=0, device="cpu")
 

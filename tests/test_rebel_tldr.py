@@ -2,11 +2,13 @@
 to end on tiny models (single process, torchrun with DDP+LoRA and FSDP2), learns, resumes, and rejects bad input."""
 import dataclasses
 import glob
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -328,7 +330,7 @@ def test_minibatches_eval_temperature_and_track(workdir):
     training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy;
     --track writes an offline wandb run with the metrics.jsonl keys."""
     run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
-        "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
+        "--per_device_train_batch_size", "4", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
     _, metrics = metrics_of(workdir, "minibatches")
     assert [m["update"] for m in metrics] == [0, 1, 2] and metrics[-1]["objective/kl"] != 0
     assert metrics[-1]["eval/kl_at_eval_temperature"] != metrics[-1]["eval/kl_at_train_temperature"]
@@ -346,21 +348,31 @@ def test_eval_samples_below_the_world_size_are_rejected(workdir):
            "size 2" in proc.stderr
 
 
-def test_remote_code_needs_the_flag(tmp_path):
-    """A checkpoint whose config maps to custom code runs that code only with --trust_remote_code (without it, a
-    known architecture loads as the built-in class)."""
-    model = tiny_policy()
-    model.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
-    model.save_pretrained(tmp_path / "custom")
-    with open(tmp_path / "custom" / "custom.py", "w") as f:
-        f.write("from transformers import GPTNeoXForCausalLM\n\n\nclass CustomForCausalLM(GPTNeoXForCausalLM):\n"
-                "    custom = True\n")
-
-    class Args:
-        trust_remote_code = False
-    assert not hasattr(rebel_tldr.load_policy(str(tmp_path / "custom"), torch.float32, Args, "cpu", 0), "custom")
-    Args.trust_remote_code = True
-    assert rebel_tldr.load_policy(str(tmp_path / "custom"), torch.float32, Args, "cpu", 0).custom
+@pytest.mark.parametrize("script", ["rebel_tldr", "ppo_tldr", "dpo_tldr", "rloo_tldr", "iterative_dpo_tldr"])
+def test_remote_code_needs_the_flag(tmp_path, script):
+    """Checkpoints whose configs map to custom code (a policy, and a reward model in the sequence-classification
+    layout) run that code only with --trust_remote_code: the policy, pi_0 and the RM. Without it, a known
+    architecture loads as the built-in class."""
+    from transformers import GPTNeoXForSequenceClassification
+    module = importlib.import_module(script)
+    policy, rm_config = tiny_policy(), tiny_policy().config
+    rm_config.num_labels = 1
+    rm = GPTNeoXForSequenceClassification(rm_config)
+    policy.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
+    rm.config.auto_map = {"AutoModelForSequenceClassification": "custom.CustomForSequenceClassification"}
+    for model, name in [(policy, "policy"), (rm, "rm")]:
+        model.save_pretrained(tmp_path / name)
+        with open(tmp_path / name / "custom.py", "w") as f:  # custom classes that mark their head
+            f.write("from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification\n\n\n"
+                    "class CustomForCausalLM(GPTNeoXForCausalLM):\n    custom = True\n\n\n"
+                    "class CustomForSequenceClassification(GPTNeoXForSequenceClassification):\n"
+                    "    def __init__(self, config):\n        super().__init__(config)\n        self.score.custom = True\n")
+    for trust in [False, True]:
+        args = SimpleNamespace(trust_remote_code=trust)
+        loaded = module.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
+        reference = module.frozen_copy(loaded, torch.float32, args, "cpu")
+        reward_model = module.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
+        assert [hasattr(m, "custom") for m in [loaded, reference, reward_model.scalar_head]] == [trust] * 3
 
 
 FSDP2_LOAD = """

@@ -152,10 +152,9 @@ class Args:
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
     run time)"""
 
-    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
-        for name, value in TINY.items() if self.tiny else []:
-            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
-                setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults that no flag changed (to another value)
+        for name in [name for name in TINY if self.tiny and getattr(self, name) == getattr(Args, name)]:
+            setattr(self, name, TINY[name])
 
 
 class ArmoRewardModel(LlamaPreTrainedModel):
@@ -244,7 +243,9 @@ def shard_from_rank0(model, mp_policy, device, rank):
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
-        dist.broadcast(buffer.copy_(buffers[i]) if rank == 0 else buffer, 0)
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -562,17 +563,16 @@ def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device,
     """Near-greedy answers to the held-out prompts: RM score (Gamma without end-of-turn, as in training),
     KL(pi || pi_0) (when pi_0 is loaded), end-of-turn share, response length, and the sample table. Prompts are split
     evenly over ranks."""
-    rows, sums = [], {}
+    rows, values = [], []  # values: {metric: one per sample} per batch
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             out = sample_and_score(policy, ref_policy, reward_model, tokenizer, dataset[i: i + args.rollout_batch_size],
                                    1, args.eval_temperature, args, device)
-            for key, values in {"eval/scores": out["scores"], **({"eval/kl": out["kl"]} if "kl" in out else {}),
-                                "eval/eos_share": out["contains_eos"], "eval/response_length": out["lengths"]}.items():
-                sums[key] = sums.get(key, 0.0) + values.float().sum()
+            values.append({"eval/scores": out["scores"], **({"eval/kl": out["kl"]} if "kl" in out else {}),
+                           "eval/eos_share": out["contains_eos"], "eval/response_length": out["lengths"]})
             rows += [dict(prompt=p, response=t, score=s) for p, t, s in zip(out["prompts"], out["texts"],
                                                                            out["scores"].tolist())]
-    metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
+    metrics = mean_over_ranks({k: torch.cat([v[k] for v in values]).float().mean() for k in values[0]})  # equal rows per rank
     if dist.is_initialized():
         gathered_rows = [None] * args.world_size
         dist.all_gather_object(gathered_rows, rows)
@@ -660,7 +660,7 @@ if __name__ == "__main__":
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ["LOCAL_RANK"]) if distributed else 0
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -888,8 +888,7 @@ if __name__ == "__main__":
                     if skipped_in_a_row == 3:
                         raise FloatingPointError(
                             f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
-                            f"({grad_norm.item()}); stopping. The last checkpoint ({run_dir}/checkpoint, if "
-                            "--save_every wrote one) is kept; resume from it with a lower --lr")
+                            f"({grad_norm.item()}); stopping: resume from {run_dir}/checkpoint, if any, with a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
@@ -914,7 +913,7 @@ if __name__ == "__main__":
             "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
             "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", eos=f"{metrics['objective/eos_share']:.2f}")
+        progress.set_postfix({k: f"{metrics[f'objective/{k}']:.3f}" for k in ["scores", "eos_share"]})
         rows = None
         if update % args.eval_every == 0 or update == args.num_updates:
             eval_metrics, rows = evaluate(raw_policy, ref_policy, reward_model, tokenizer, eval_data, args, device, autocast)

@@ -128,10 +128,9 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
     """num_epochs * batches_per_epoch (computed at run time)"""
 
-    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
-        for name, value in TINY.items() if self.tiny else []:
-            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
-                setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults that no flag changed (to another value)
+        for name in [name for name in TINY if self.tiny and getattr(self, name) == getattr(Args, name)]:
+            setattr(self, name, TINY[name])
 
 
 def aesthetic_mlp():
@@ -417,7 +416,7 @@ if __name__ == "__main__":
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ["LOCAL_RANK"]) if distributed else 0
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -535,12 +534,13 @@ if __name__ == "__main__":
         sampling_time = time.time() - sampling_start
 
         # 2. r(x, y): the aesthetic score normalised per prompt over all ranks' samples (App. H.3.3), clipped
-        gathered = torch.stack([scores.float(), prompt_ids.float()])  # every rank's, in rank order, in one all_gather
+        # every rank's, in rank order, in one all_gather (prompt indices are exact in float32 below 2^24)
+        scores_and_ids = torch.stack([scores.float(), prompt_ids.float()])
         if distributed:
-            parts = [torch.empty_like(gathered) for _ in range(args.world_size)]
-            dist.all_gather(parts, gathered)
-            gathered = torch.cat(parts, 1)
-        all_scores, all_ids = gathered[0], gathered[1].long()
+            parts = [torch.empty_like(scores_and_ids) for _ in range(args.world_size)]
+            dist.all_gather(parts, scores_and_ids)
+            scores_and_ids = torch.cat(parts, 1)
+        all_scores, all_ids = scores_and_ids[0], scores_and_ids[1].long()
         rewards = normalize_rewards(all_scores, [prompts[i] for i in all_ids.tolist()], buffers,
                                     args.stat_buffer_size, args.stat_min_count)
         rewards = rewards.view(args.world_size, -1)[rank].clamp(-args.adv_clip_max, args.adv_clip_max)

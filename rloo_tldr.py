@@ -131,10 +131,9 @@ class Args:
     pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
 
-    def __post_init__(self):  # --tiny: TINY's values replace the defaults, but not a flag given another value
-        for name, value in TINY.items() if self.tiny else []:
-            if getattr(self, name) == getattr(Args, name):  # (a flag given the default's value is replaced too)
-                setattr(self, name, value)
+    def __post_init__(self):  # --tiny: TINY's values replace the defaults that no flag changed (to another value)
+        for name in [name for name in TINY if self.tiny and getattr(self, name) == getattr(Args, name)]:
+            setattr(self, name, TINY[name])
 
 
 class ScalarRewardModel(nn.Module):
@@ -193,7 +192,9 @@ def shard_from_rank0(model, mp_policy, device, rank):
     shard(model, mp_policy)
     model.to_empty(device=device)
     for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
-        dist.broadcast(buffer.copy_(buffers[i]) if rank == 0 else buffer, 0)
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
@@ -328,12 +329,11 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
 
 def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
                      sample_temperature, args):
-    """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it,
-    so that pi, pi_0 and the RM below all see the truncated response), and, in no-grad passes over micro-batches of
-    `per_device_train_batch_size` prompts' responses: their sequence log-probs under pi and pi_0 up to the EOS, at the
-    training temperature on purpose (the loss's ln pi_t is that of the policy being trained, whatever the
-    sampler's temperature) and also at the sampling one (Table 1's KL of near-greedy evaluation samples); and the RM
-    score read at the EOS: Gamma if there is none within `response_length` (App. H.1.4)."""
+    """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it, so
+    pi, pi_0 and the RM below see the truncated response); in no-grad passes over micro-batches of the responses to
+    `per_device_train_batch_size` prompts, their sequence log-probs under pi and pi_0 up to the EOS, at the training
+    temperature on purpose (the loss's ln pi_t is the trained policy's, whatever the sampler's temperature) and at the
+    sampling one (Table 1's KL of near-greedy evaluation samples); the RM score at the EOS, Gamma if none (App. H.1.4)."""
     context_length = queries.shape[1]
     query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
     eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
@@ -432,7 +432,7 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
     """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
     at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
     score, EOS share, and the sample table. Prompts are split evenly over ranks."""
-    rows, sums = [], {}
+    rows, values = [], []  # values: {metric: one per sample} per batch
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
             batch = dataset[i: i + args.rollout_batch_size]
@@ -442,16 +442,14 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
             references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
             reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
-            for key, values in {"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
-                                "eval/kl_at_train_temperature": out["logprobs"] - out["ref_logprobs"],
-                                "eval/win_rate": out["scores"] > reference_scores,
-                                "eval/eos_share": out["contains_eos"]}.items():
-                sums[key] = sums.get(key, 0.0) + values.float().sum()
+            values.append({"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
+                           "eval/kl_at_train_temperature": out["logprobs"] - out["ref_logprobs"],
+                           "eval/win_rate": out["scores"] > reference_scores, "eval/eos_share": out["contains_eos"]})
             texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
                      for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
             rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs) for q, r, ref, s, rs in zip(
                 batch["query"], *texts, out["scores"].tolist(), reference_scores.tolist())]
-    metrics = mean_over_ranks({k: v / len(rows) for k, v in sums.items()})  # every rank has as many rows
+    metrics = mean_over_ranks({k: torch.cat([v[k] for v in values]).float().mean() for k in values[0]})  # equal rows per rank
     if dist.is_initialized():
         gathered_rows = [None] * args.world_size
         dist.all_gather_object(gathered_rows, rows)
@@ -495,9 +493,8 @@ def write_tiny_assets(args):
         for step in range(300):  # SFT: next-token loss on the reference summaries
             batch = data[torch.randint(len(data), (32,)).tolist()]
             ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", False)
-            labels = torch.where(mask.bool(), ids, -100)
-            for row, q in enumerate(batch["query_token"]):
-                labels[row, : len(q)] = -100
+            prompt = torch.arange(ids.shape[1]) < torch.tensor([len(q) for q in batch["query_token"]])[:, None]
+            labels = torch.where(mask.bool() & ~prompt, ids, -100)  # the loss on the summaries only
             policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -527,7 +524,7 @@ if __name__ == "__main__":
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ["LOCAL_RANK"]) if distributed else 0
     master = rank == 0
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -708,8 +705,7 @@ if __name__ == "__main__":
                     if skipped_in_a_row == 3:
                         raise FloatingPointError(
                             f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
-                            f"({grad_norm.item()}); stopping. The last checkpoint ({run_dir}/checkpoint, if "
-                            "--save_every wrote one) is kept; resume from it with a lower --lr")
+                            f"({grad_norm.item()}); stopping: resume from {run_dir}/checkpoint, if any, with a lower --lr")
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 

@@ -95,6 +95,17 @@ def tensor_layout(model):
     return {k: (v.shape, v.dtype) for k, v in [*model.state_dict().items(), *model.named_buffers()]}
 
 
+def save_with_custom_code(model, path, auto_class):
+    """Save MODEL to PATH with a config that maps AUTO_CLASS to custom code in the checkpoint (`custom.py`): a subclass
+    that marks itself and each of its modules with an attribute `custom`, so that a test sees whether that code ran."""
+    model.config.auto_map = {auto_class: "custom.Custom"}
+    model.save_pretrained(path)
+    base = type(model).__name__
+    with open(f"{path}/custom.py", "w") as f:
+        f.write(f"from transformers import {base}\n\n\nclass Custom({base}):\n    def __init__(self, config):\n"
+                "        super().__init__(config)\n        for module in self.modules():\n            module.custom = True\n")
+
+
 def read_metrics(workdir, run_prefix):
     """The one run folder runs/{run_prefix}__* and the lines of its metrics.jsonl."""
     (run_dir,) = glob.glob(f"{workdir}/runs/{run_prefix}__*")

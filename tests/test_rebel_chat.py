@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 import rebel_chat
-from conftest import assert_tokenization_is_cached, read_metrics, run_script, tensor_layout
+from conftest import assert_tokenization_is_cached, read_metrics, run_script, save_with_custom_code, tensor_layout
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +52,8 @@ def test_remote_code_needs_the_flag(tmp_path):
     frozen copy) and the RM. Without it, a known architecture loads as the built-in class."""
     from transformers import ByT5Tokenizer
     policy, rm = tiny_llama(layers=2), tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
-    policy.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
-    rm.model.config.auto_map = {"AutoModelForSequenceClassification": "custom.CustomForSequenceClassification"}
-    for model, name in [(policy, "policy"), (rm.model, "rm")]:
-        model.save_pretrained(tmp_path / name)
-        with open(tmp_path / name / "custom.py", "w") as f:
-            f.write("from transformers import LlamaForCausalLM, LlamaForSequenceClassification\n\n\n"
-                    "class CustomForCausalLM(LlamaForCausalLM):\n    custom = True\n\n\n"
-                    "class CustomForSequenceClassification(LlamaForSequenceClassification):\n    custom = True\n")
+    save_with_custom_code(policy, tmp_path / "policy", "AutoModelForCausalLM")
+    save_with_custom_code(rm.model, tmp_path / "rm", "AutoModelForSequenceClassification")
     rm.tokenizer.save_pretrained(tmp_path / "rm")
     for trust in [False, True]:
         args = SimpleNamespace(trust_remote_code=trust)

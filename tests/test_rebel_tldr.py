@@ -15,7 +15,7 @@ import torch
 
 import rebel_tldr
 from conftest import (assert_resume_reproduces, assert_tiny_run_learns, assert_tokenization_is_cached, read_metrics,
-                      ROOT, run_script, tensor_layout)
+                      ROOT, run_script, save_with_custom_code, tensor_layout)
 
 
 def tiny_policy(vocab_size=300, layers=2, hidden=32):
@@ -355,18 +355,11 @@ def test_remote_code_needs_the_flag(tmp_path, script):
     architecture loads as the built-in class."""
     from transformers import GPTNeoXForSequenceClassification
     module = importlib.import_module(script)
-    policy, rm_config = tiny_policy(), tiny_policy().config
+    rm_config = tiny_policy().config
     rm_config.num_labels = 1
-    rm = GPTNeoXForSequenceClassification(rm_config)
-    policy.config.auto_map = {"AutoModelForCausalLM": "custom.CustomForCausalLM"}
-    rm.config.auto_map = {"AutoModelForSequenceClassification": "custom.CustomForSequenceClassification"}
-    for model, name in [(policy, "policy"), (rm, "rm")]:
-        model.save_pretrained(tmp_path / name)
-        with open(tmp_path / name / "custom.py", "w") as f:  # custom classes that mark their head
-            f.write("from transformers import GPTNeoXForCausalLM, GPTNeoXForSequenceClassification\n\n\n"
-                    "class CustomForCausalLM(GPTNeoXForCausalLM):\n    custom = True\n\n\n"
-                    "class CustomForSequenceClassification(GPTNeoXForSequenceClassification):\n"
-                    "    def __init__(self, config):\n        super().__init__(config)\n        self.score.custom = True\n")
+    save_with_custom_code(tiny_policy(), tmp_path / "policy", "AutoModelForCausalLM")
+    save_with_custom_code(GPTNeoXForSequenceClassification(rm_config), tmp_path / "rm",
+                          "AutoModelForSequenceClassification")
     for trust in [False, True]:
         args = SimpleNamespace(trust_remote_code=trust)
         loaded = module.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)

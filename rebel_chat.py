@@ -7,13 +7,14 @@ import collections
 import contextlib
 import copy
 import csv
+import itertools
 import json
 import math
 import os
-import random
 import re
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal, Optional
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 import tyro
 from datasets import load_dataset
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributions import Categorical
@@ -51,9 +52,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """write tiny random-weight models and a synthetic chat-prompt dataset to runs/tiny_chat/ (where missing) and train
-    on them, on CPU in about a minute: the TINY defaults (end of file) replace every paper default that no flag
-    changed"""
+    """tiny random models and synthetic prompts (tiny.py, written to runs/tiny_chat/ where missing), on CPU in about a
+    minute: TINY's values (below Args) become the defaults; flags given still win"""
 
     # models and data (Section 5.2, App. H.2.1-H.2.2); a hub ID or a local path
     sft_model: str = "openchat/openchat_3.5"
@@ -133,28 +133,172 @@ class Args:
     save_every: int = 0
     """write a resumable checkpoint to runs/{run_name}/checkpoint every this many iterations; 0 for never"""
     resume_from: Optional[str] = None
-    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+    """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
 
     # computed at run time
     world_size: tyro.conf.Suppress[int] = 1
-    """number of processes (computed at run time)"""
     local_batch_size: tyro.conf.Suppress[int] = 0
-    """prompts per iteration on one rank (computed at run time)"""
     num_minibatches: tyro.conf.Suppress[int] = 0
-    """optimizer steps per epoch (computed at run time)"""
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
-    """micro-batches per optimizer step (computed at run time)"""
     num_updates: tyro.conf.Suppress[int] = 0
-    """iterations t of Algorithm 1 (computed at run time)"""
+    """iterations t of Algorithm 1"""
     eos_token_ids: tyro.conf.Suppress[tuple[int, ...]] = ()
-    """the end-of-turn tokens that end a response: the tokenizer's EOS and the model's (computed at run time)"""
+    """the end-of-turn tokens that end a response: the tokenizer's EOS and the model's"""
     pad_token_id: tyro.conf.Suppress[int] = 0
-    """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at
-    run time)"""
+    """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS"""
 
-    def __post_init__(self):  # --tiny: TINY's values replace the defaults that no flag changed (to another value)
-        for name in [name for name in TINY if self.tiny and getattr(self, name) == getattr(Args, name)]:
-            setattr(self, name, TINY[name])
+
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
+TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
+            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
+            rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
+
+
+def to_messages(prompt):
+    """UltraFeedback's `prompt` is one user turn; Nectar's an Anthropic-HH transcript '\n\nHuman: ...\n\nAssistant:'."""
+    if "\n\nHuman:" not in prompt:
+        return [{"role": "user", "content": prompt}]
+    parts = re.split(r"\n\n(Human|Assistant): ?", prompt)[1:]
+    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+                for who, text in zip(parts[::2], parts[1::2])]
+    return messages[:-1] if messages[-1] == {"role": "assistant", "content": ""} else messages
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def pack(queries, responses, pad_id, device):
+    """Left-padded prompts followed by right-padded responses (the layout generate() makes): ids, attention mask,
+    the prompts' width and the responses' mask."""
+    queries, query_mask = pad(queries, pad_id, device)
+    responses, response_mask = pad(responses, pad_id, device, left=False)
+    query_responses, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
+    return query_responses, attention_mask, queries.shape[1], response_mask
+
+
+def first_eos(responses, eos_ids):
+    """Index of each response's first end-of-turn token; the response length where there is none."""
+    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1]), is_eos.any(-1)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call with the KV cache, each stopping at its first end-of-turn
+    token (later positions hold padding). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since
+    the all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=list(args.eos_token_ids), pad_token_id=args.pad_token_id,
+                                     synced_gpus=isinstance(model, FSDPModule))
+    return query_responses[:, queries.shape[1]:]
+
+
+def token_logprobs(logits, tokens, temperature):
+    """ln softmax(logits / temperature) at `tokens`, from the logits of n sequences: these fp32 copies of the logits
+    exist for one chunk of sequences at a time."""
+    return (logits.float() / temperature).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at the sampling temperature (B, T), and the per-token entropy if
+    asked, from one forward pass. Positions count real tokens only, as in generate(), so that the padding of a batch
+    does not change the result. The LM head runs at the response positions only (`logits_to_keep`), and the fp32
+    log-softmax one sequence at a time, recomputed in the backward pass (`checkpoint`), so that no fp32 copy of the
+    whole [B x T x vocabulary] logits is ever made or kept."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
+                                               device=query_responses.device)).logits
+    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperature, use_reentrant=False) for chunk, tokens
+                          in zip(logits.split(1), query_responses[:, context_length:].split(1))])  # split: one backward
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # a metric: computed once, outside the log-softmax that the backward pass recomputes
+        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperature, validate_args=False).entropy()
+                                    for chunk in logits.split(1)])
+
+
+def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device):
+    """Sequence log-probs ln pi_t(y|x) of the responses and their KL term ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0;
+    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch`
+    responses."""
+    logprobs, kl = [], []
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]:
+        query_responses, attention_mask, context_length, response_mask = pack(queries[rows], responses[rows],
+                                                                               args.pad_token_id, device)
+        logprobs.append((response_logprobs(model, query_responses, attention_mask, context_length,
+                                           args.temperature)[0] * response_mask).sum(1))
+        ref_logprobs = logprobs[-1] if ref_policy is None else (response_logprobs(
+            ref_policy, query_responses, attention_mask, context_length, args.temperature)[0] * response_mask).sum(1)
+        kl.append(logprobs[-1] - ref_logprobs)
+    return torch.cat(logprobs), torch.cat(kl)
+
+
+def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, sample_temperature, args, device):
+    """Responses to a batch of prompts sampled at `sample_temperature`, and what REBEL needs of them: token lists cut
+    after the first end-of-turn; RM scores of the decoded text, Gamma for a response that never ends its turn (App.
+    H.2.3); and, when there is a pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term
+    ln pi_t - ln pi_0, at the training temperature on purpose (the regression's ln pi_t is that of the policy being
+    trained; evaluation's KL too), in no-grad passes over micro-batches of `per_device_train_batch_size` prompts'
+    responses. Without pi_0 the rewards need no log-probs: the caller computes pi_t's for the pairs' responses only.
+    Also the seconds spent generating, on the RM and on log-probs."""
+    tic = time.time()
+    queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+    responses = generate(model, queries, query_mask, num_samples, args, sample_temperature)
+    eos_index, contains_eos = first_eos(responses, args.eos_token_ids)
+    lengths = torch.where(contains_eos, eos_index + 1, responses.shape[1]).tolist()
+    responses = [r[:n] for r, n in zip(responses.tolist(), lengths)]
+    queries = [q for q in batch["query_token"] for _ in range(num_samples)]
+    seconds = {"generate": time.time() - tic}
+
+    tic = time.time()
+    texts = [tokenizer.decode(r[: n - 1] if eos else r, skip_special_tokens=True)
+             for r, n, eos in zip(responses, lengths, contains_eos.tolist())]
+    prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
+    conversations = [to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+    micro_batch = args.per_device_train_batch_size * num_samples
+    scores = torch.cat([reward_model(conversations[i: i + micro_batch]) for i in range(0, len(texts), micro_batch)])
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    seconds["reward"] = time.time() - tic
+
+    tic = time.time()
+    out = dict(queries=queries, responses=responses, prompts=prompts, texts=texts, scores=scores,
+               contains_eos=contains_eos, lengths=torch.tensor(lengths, device=device, dtype=torch.float))
+    if ref_policy is not None:
+        out["logprobs"], out["kl"] = sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device)
+    seconds["logprobs"] = time.time() - tic
+    return out | {"seconds": seconds}
+
+
+def rebel_loss(logprobs, old_logprobs, rewards, eta):
+    """Eq. (1) times eta^2 for each pair of a batch: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
+    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
+    ratios = logprobs - old_logprobs
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2)
+
+
+def learning_rate(args, update, step):
+    """The lr of optimizer step `step` (from 0) of iteration `update` (from 1): linear decay to 0 over the run
+    (App. H.2.4, OpenChat), or cosine decay after a linear warmup within each iteration (App. H.2.4, Llama-3: each of
+    the 3 iterations is one epoch over the whole dataset, a fresh regression problem as in Algorithm 1)."""
+    steps = args.num_epochs * args.num_minibatches
+    if args.lr_schedule == "linear":
+        return args.lr * (1.0 - ((update - 1) * steps + step) / (args.num_updates * steps))
+    warmup = math.ceil(args.warmup_ratio * steps)
+    if step < warmup:
+        return args.lr * (step + 1) / (warmup + 1)
+    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# ---- infrastructure: models, sharding, data, start-up checks, checkpoints, evaluation ----
 
 
 class ArmoRewardModel(LlamaPreTrainedModel):
@@ -268,20 +412,6 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
     return shard_from_rank0(model, mp_policy, device, rank)
 
 
-def frozen_copy(model, dtype, args, device, mp_policy=None):
-    """pi_0 for full-parameter training: a copy of the policy in `dtype`, made tensor by tensor (under FSDP2, shard by
-    shard from the sharded policy), so that no second whole fp32 model ever exists."""
-    with torch.device("meta"):
-        ref_policy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    if mp_policy is not None:
-        shard(ref_policy, mp_policy)
-    ref_policy.to_empty(device=device)
-    with torch.no_grad():
-        for target, source in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(), *model.buffers()]):
-            target.copy_(source)
-    return ref_policy.eval().requires_grad_(False)
-
-
 def enable_gradient_checkpointing(model):
     """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
     that is set on the layers alone, so that the dropout modules inside them stay off (eval mode). No gradient is sent
@@ -326,14 +456,19 @@ class SharedBottomReference(nn.Module):
                         use_cache=use_cache, logits_to_keep=logits_to_keep)
 
 
-def to_messages(prompt):
-    """UltraFeedback's `prompt` is one user turn; Nectar's an Anthropic-HH transcript '\n\nHuman: ...\n\nAssistant:'."""
-    if "\n\nHuman:" not in prompt:
-        return [{"role": "user", "content": prompt}]
-    parts = re.split(r"\n\n(Human|Assistant): ?", prompt)[1:]
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[::2], parts[1::2])]
-    return messages[:-1] if messages[-1] == {"role": "assistant", "content": ""} else messages
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
+    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
 
 
 def load_prompts(args, tokenizer, split, rank):
@@ -358,153 +493,100 @@ def load_prompts(args, tokenizer, split, rank):
     return dataset
 
 
-def pad(sequences, pad_id, device, left=True):
-    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
-    width = max(len(s) for s in sequences)
-    fill = [[pad_id] * (width - len(s)) for s in sequences]
-    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
-    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+# flags that may be 0 (0 for all, never, none) and fields computed later; any other number must be positive
+ZERO_ALLOWED = {"seed", "eval_samples", "save_every", "num_iterations", "batch_size", "minibatch_size", "kl_coef",
+                "warmup_ratio", "weight_decay", "num_layers_unfrozen", "local_batch_size", "num_minibatches",
+                "gradient_accumulation_steps", "num_updates", "pad_token_id"}
 
 
-def pack(queries, responses, pad_id, device):
-    """Left-padded prompts followed by right-padded responses (the layout generate() makes): ids, attention mask,
-    the prompts' width and the responses' mask."""
-    queries, query_mask = pad(queries, pad_id, device)
-    responses, response_mask = pad(responses, pad_id, device, left=False)
-    query_responses, attention_mask = torch.cat([queries, responses], 1), torch.cat([query_mask, response_mask], 1)
-    return query_responses, attention_mask, queries.shape[1], response_mask
+def check_args(args):
+    """Bad input fails at start-up, before any model loads, naming the flag or path."""
+    for name, value in asdict(args).items():
+        if any(type(v) in (int, float) and name != "penalty_reward_value" and v <= 0 and (
+                v < 0 or name not in ZERO_ALLOWED) for v in (value if isinstance(value, tuple) else [value])):
+            raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")
+        if name.endswith(("model", "dataset")) and isinstance(value, str) and not os.path.exists(value) and (
+                value.startswith((".", "/", "~")) or value.count("/") > 1):  # a hub ID is "name" or "owner/name"
+            raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
 
 
-def first_eos(responses, eos_ids):
-    """Index of each response's first end-of-turn token; the response length where there is none."""
-    is_eos = torch.isin(responses, torch.tensor(eos_ids, device=responses.device))
-    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1]), is_eos.any(-1)
+def new_run_dir(name):
+    """runs/{name}, or runs/{name}_2, ... when that exists (runs started in the same second): never another run's."""
+    for i in itertools.count(1):
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(run_dir := f"runs/{name}" + (f"_{i}" if i > 1 else ""))
+            return run_dir
 
 
-@contextlib.contextmanager
-def gathered(model):
-    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
-    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp_modules:
-        m.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        for m in fsdp_modules:
-            m.reshard()
-            m.set_reshard_after_forward(True)
+# what a resumed run may change: settings that do not change what is trained, and sizes computed from compared flags
+RESUMABLE = {"exp_name", "track", "wandb_project", "wandb_entity", "tiny", "eval_split", "eval_every", "eval_samples",
+             "eval_temperature", "save_every", "resume_from", "gradient_checkpointing", "local_batch_size",
+             "num_minibatches", "gradient_accumulation_steps", "num_updates", "eos_token_ids"}
 
 
-def generate(model, queries, query_mask, num_samples, args, temperature):
-    """`num_samples` responses per prompt in one batched call with the KV cache, each stopping at its first end-of-turn
-    token (later positions hold padding). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since
-    the all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
-    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
-    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
-                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                     eos_token_id=list(args.eos_token_ids), pad_token_id=args.pad_token_id,
-                                     synced_gpus=isinstance(model, FSDPModule))
-    return query_responses[:, queries.shape[1]:]
+def find_checkpoint(path, args):
+    """The checkpoint at `path`, or at `path`.old after a crash between save_checkpoint's two renames. A resume that
+    would change what is trained (RESUMABLE aside) is refused, listing each difference."""
+    path = path.rstrip("/")
+    found = next((p for p in [path, f"{path}.old"] if os.path.exists(f"{p}/state.pt")), None)
+    if found is None:
+        raise FileNotFoundError(f"--resume_from {path}: no checkpoint there (no state.pt)")
+    if found != path:
+        print(f"--resume_from {path}: missing after a crash between two renames; resuming from {found}")
+    saved = torch.load(f"{found}/state.pt", mmap=True, weights_only=True)["args"]
+    if changed := [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(args).items()
+                   if k not in RESUMABLE and saved.get(k) != v]:
+        raise ValueError(f"--resume_from {found}: the checkpoint was trained with other settings; resuming with these "
+                         f"would change what is trained: {', '.join(changed)}")
+    return found
 
 
-def token_logprobs(logits, tokens, temperature):
-    """ln softmax(logits / temperature) at `tokens`, from the logits of n sequences: these fp32 copies of the logits
-    exist for one chunk of sequences at a time."""
-    return (logits.float() / temperature).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, rank, **extra):
+    """The trainable weights (safetensors) and one dict: the update index (whence the learning rate and the data
+    position), the arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state);
+    gathered on rank 0's CPU, which writes.
+    The new checkpoint is whole before the old one goes: at any instant, `path` or `path`.old holds a whole one."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng] * args.world_size  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(dict(update=update, args=asdict(args), optimizer=optimizer_state, rng=rngs, **extra),
+                   f"{path}.tmp/state.pt")
+        if os.path.exists(path):
+            shutil.rmtree(f"{path}.old", ignore_errors=True)
+            os.rename(path, f"{path}.old")
+        os.rename(f"{path}.tmp", path)
+        shutil.rmtree(f"{path}.old", ignore_errors=True)
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
-    """ln pi(y_h | x, y_<h) of every response token at the sampling temperature (B, T), and the per-token entropy if
-    asked, from one forward pass. Positions count real tokens only, as in generate(), so that the padding of a batch
-    does not change the result. The LM head runs at the response positions only (`logits_to_keep`), and the fp32
-    log-softmax one sequence at a time, recomputed in the backward pass (`checkpoint`), so that no fp32 copy of the
-    whole [B x T x vocabulary] logits is ever made or kept."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
-                                               device=query_responses.device)).logits
-    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperature, use_reentrant=False) for chunk, tokens
-                          in zip(logits.split(1), query_responses[:, context_length:].split(1))])  # split: one backward
-    if not with_entropy:
-        return logprobs, None
-    with torch.no_grad():  # a metric: computed once, outside the log-softmax that the backward pass recomputes
-        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperature, validate_args=False).entropy()
-                                    for chunk in logits.split(1)])
-
-
-def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device):
-    """Sequence log-probs ln pi_t(y|x) of the responses and their KL term ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0;
-    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch`
-    responses."""
-    logprobs, kl = [], []
-    for rows in [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]:
-        query_responses, attention_mask, context_length, response_mask = pack(queries[rows], responses[rows],
-                                                                               args.pad_token_id, device)
-        logprobs.append((response_logprobs(model, query_responses, attention_mask, context_length,
-                                           args.temperature)[0] * response_mask).sum(1))
-        ref_logprobs = logprobs[-1] if ref_policy is None else (response_logprobs(
-            ref_policy, query_responses, attention_mask, context_length, args.temperature)[0] * response_mask).sum(1)
-        kl.append(logprobs[-1] - ref_logprobs)
-    return torch.cat(logprobs), torch.cat(kl)
-
-
-def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, sample_temperature, args, device):
-    """Responses to a batch of prompts sampled at `sample_temperature`, and what REBEL needs of them: token lists cut
-    after the first end-of-turn; RM scores of the decoded text, Gamma for a response that never ends its turn (App.
-    H.2.3); and, when there is a pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term
-    ln pi_t - ln pi_0, at the training temperature on purpose (the regression's ln pi_t is that of the policy being
-    trained; evaluation's KL too), in no-grad passes over micro-batches of `per_device_train_batch_size` prompts'
-    responses. Without pi_0 the rewards need no log-probs: the caller computes pi_t's for the pairs' responses only.
-    Also the seconds spent generating, on the RM and on log-probs."""
-    tic = time.time()
-    queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
-    responses = generate(model, queries, query_mask, num_samples, args, sample_temperature)
-    eos_index, contains_eos = first_eos(responses, args.eos_token_ids)
-    lengths = torch.where(contains_eos, eos_index + 1, responses.shape[1]).tolist()
-    responses = [r[:n] for r, n in zip(responses.tolist(), lengths)]
-    queries = [q for q in batch["query_token"] for _ in range(num_samples)]
-    seconds = {"generate": time.time() - tic}
-
-    tic = time.time()
-    texts = [tokenizer.decode(r[: n - 1] if eos else r, skip_special_tokens=True)
-             for r, n, eos in zip(responses, lengths, contains_eos.tolist())]
-    prompts = [p for p in batch["prompt"] for _ in range(num_samples)]
-    conversations = [to_messages(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
-    micro_batch = args.per_device_train_batch_size * num_samples
-    scores = torch.cat([reward_model(conversations[i: i + micro_batch]) for i in range(0, len(texts), micro_batch)])
-    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
-    seconds["reward"] = time.time() - tic
-
-    tic = time.time()
-    out = dict(queries=queries, responses=responses, prompts=prompts, texts=texts, scores=scores,
-               contains_eos=contains_eos, lengths=torch.tensor(lengths, device=device, dtype=torch.float))
-    if ref_policy is not None:
-        out["logprobs"], out["kl"] = sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device)
-    seconds["logprobs"] = time.time() - tic
-    return out | {"seconds": seconds}
-
-
-def rebel_loss(logprobs, old_logprobs, rewards, eta):
-    """Eq. (1) times eta^2 for each pair of a batch: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
-      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
-    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
-    ratios = logprobs - old_logprobs
-    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2)
-
-
-def learning_rate(args, update, step):
-    """The lr of optimizer step `step` (from 0) of iteration `update` (from 1): linear decay to 0 over the run
-    (App. H.2.4, OpenChat), or cosine decay after a linear warmup within each iteration (App. H.2.4, Llama-3: each of
-    the 3 iterations is one epoch over the whole dataset, a fresh regression problem as in Algorithm 1)."""
-    steps = args.num_epochs * args.num_minibatches
-    if args.lr_schedule == "linear":
-        return args.lr * (1.0 - ((update - 1) * steps + step) / (args.num_updates * steps))
-    warmup = math.ceil(args.warmup_ratio * steps)
-    if step < warmup:
-        return args.lr * (step + 1) / (warmup + 1)
-    return args.lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    """The inverse of save_checkpoint; returns the saved dict. Under FSDP2 rank 0 reads the weights and optimizer state
+    and broadcasts them (state.pt is memory-mapped: the other ranks read their RNG states only)."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    state = torch.load(f"{path}/state.pt", mmap=True, weights_only=True)
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    trainable = set(get_model_state_dict(policy, options=StateDictOptions(ignore_frozen_params=True)))
+    if model_state and set(model_state) != trainable:
+        raise ValueError(f"{path}/model.safetensors holds {len(set(model_state) - trainable)} weights this model does "
+                         f"not train and lacks {len(trainable - set(model_state))} that it does")
+    # strict=False: the checkpoint holds the trainable weights only (checked above)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"] if rank == 0 or not sharded else {}, options=options)
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
 
 
 def mean_over_ranks(metrics):
@@ -513,50 +595,6 @@ def mean_over_ranks(metrics):
     if dist.is_initialized():
         dist.all_reduce(values)
     return dict(zip(metrics, values.tolist()))
-
-
-def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
-    """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
-    learning rate and the data position follow; gathered on rank 0's CPU only. Written beside the last checkpoint,
-    then swapped in: a crash while writing leaves the previous checkpoint whole."""
-    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
-        os.makedirs(f"{path}.tmp")
-        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
-        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
-        torch.save(rngs, f"{path}.tmp/rng.pt")
-        with open(f"{path}.tmp/state.json", "w") as f:
-            json.dump({"update": update}, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
-    """The inverse of save_checkpoint. Under FSDP2 rank 0 reads the weights and optimizer state and broadcasts them, so
-    that no other rank holds them whole in host memory; with frozen layers the checkpoint is small, and every rank
-    reads it."""
-    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
-    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
-    optimizer_state = torch.load(f"{path}/optimizer.pt", weights_only=True) if rank == 0 or not sharded else {}
-    # strict=False: the checkpoint holds the trainable weights only (set_state_dict would skip them on empty ranks)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
-    set_model_state_dict(policy, model_state, options=options)
-    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
-    rng = torch.load(f"{path}/rng.pt", weights_only=True)[rank]
-    torch.set_rng_state(rng["torch"])
-    shuffle_generator.set_state(rng["shuffle"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-    with open(f"{path}/state.json") as f:
-        return json.load(f)["update"]
 
 
 def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device, autocast):
@@ -580,80 +618,8 @@ def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device,
     return metrics, rows
 
 
-# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
-TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
-            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
-            rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
-# the tiny models' chat templates: byte-level tokenizers, each with its own format and end-of-turn marker
-TINY_POLICY_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token }}{% endfor %}"
-                        "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
-TINY_RM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
-                    "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
-
-
-def write_tiny_assets(args):
-    """Whichever is missing of: a synthetic prompt dataset in UltraFeedback's format (a few prompts too long, to be
-    dropped), a tiny Llama chat policy and a tiny Llama reward model, with byte-level tokenizers of different sizes
-    and different chat templates. The policy is fine-tuned for a few seconds on the synthetic `chosen` answers (the
-    paper starts from chat models too), so that it answers with a few words and ends its turn; the RM's head is
-    normalised so that those answers score mean 0, std 1."""
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-    g = random.Random(0)
-    torch.manual_seed(0)
-    tokenizer, rm_tokenizer = ByT5Tokenizer(), ByT5Tokenizer(extra_ids=0)
-    tokenizer.chat_template, rm_tokenizer.chat_template = TINY_POLICY_TEMPLATE, TINY_RM_TEMPLATE
-    if not os.path.exists(f"{args.dataset}/data/test_prefs-00000-of-00001.jsonl"):  # each asset: its last file
-        words = "cat dog rent job friend move car game date boss school money sister plan".split()
-        os.makedirs(f"{args.dataset}/data", exist_ok=True)
-        for split, n in [("train_prefs", 1024), ("test_prefs", 128)]:
-            with open(f"{args.dataset}/data/{split}-00000-of-00001.jsonl", "w") as f:
-                for i in range(n):
-                    topic = " ".join(g.choice(words) for _ in range(g.randint(1, 3) if i % 50 else 20))
-                    prompt = f"{g.choice(['Tell me about', 'What of', 'Why'])} {topic}?"
-                    answers = [" ".join(g.choice(words) for _ in range(g.randint(1, 3))) for _ in range(2)]
-                    f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
-                        k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
-                        for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
-    chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
-    if not os.path.exists(f"{args.sft_model}/tokenizer_config.json"):
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
-                             tie_word_embeddings=False, bos_token_id=tokenizer.eos_token_id,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        policy = LlamaForCausalLM(config)
-        queries = [tokenizer.apply_chat_template(c[:1], tokenize=False, add_generation_prompt=True) for c in chats]
-        queries = tokenizer(queries, add_special_tokens=False).input_ids
-        answers = tokenizer([c[1]["content"] + tokenizer.eos_token for c in chats], add_special_tokens=False).input_ids
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-        for step in range(100):  # SFT: next-token loss on the answers
-            batch = torch.randint(len(chats), (32,)).tolist()
-            ids, mask, context_length, _ = pack([queries[i] for i in batch], [answers[i] for i in batch], 0, "cpu")
-            labels = torch.where(mask.bool(), ids, -100)
-            labels[:, :context_length] = -100  # the loss on the answers only
-            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        policy.save_pretrained(args.sft_model)
-        tokenizer.save_pretrained(args.sft_model)
-    if not os.path.exists(f"{args.reward_model}/tokenizer_config.json"):
-        rm_config = LlamaConfig(vocab_size=len(rm_tokenizer), hidden_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=4, intermediate_size=128,
-                                max_position_embeddings=256, num_labels=1, pad_token_id=rm_tokenizer.pad_token_id)
-        rm = LlamaForSequenceClassification(rm_config).eval()
-        with torch.no_grad():  # normalised like the paper's RMs: the SFT answers score mean 0 (the head has no bias:
-            # its weight is made orthogonal to their mean last hidden state), here with std 1
-            texts = [rm_tokenizer.apply_chat_template(c, tokenize=False) for c in chats[:256]]
-            ids, mask = pad(rm_tokenizer(texts, add_special_tokens=False).input_ids, 0, "cpu", left=False)
-            hidden = rm.model(input_ids=ids, attention_mask=mask).last_hidden_state[range(len(ids)), mask.sum(1) - 1]
-            mean = hidden.mean(0)
-            rm.score.weight -= (rm.score.weight @ mean) / (mean @ mean) * mean
-            rm.score.weight /= (hidden @ rm.score.weight[0]).std()
-        rm.save_pretrained(args.reward_model)
-        rm_tokenizer.save_pretrained(args.reward_model)
-
-
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
 
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
@@ -669,28 +635,28 @@ if __name__ == "__main__":
     # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
-        f"runs/chat__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if distributed:  # one run name on every rank (their messages name it): rank 0's
-        run_dir = [run_dir]
-        dist.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    run_name = os.path.basename(run_dir)
+    # start-up checks, all before any model loads: flags, paths, the tokenizer, the data, the checkpoint's settings
     if args.tiny and master:
-        write_tiny_assets(args)
+        import tiny  # test scaffolding, next to this file
+        tiny.write_chat(args)
     if distributed:
         dist.barrier()
-
+    check_args(args)
     # prompts, formatted with the policy's chat template; the batch sizes follow from the train split's size
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--sft_model {args.sft_model}: its tokenizer has no EOS token, which ends every response")
     args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data = load_prompts(args, tokenizer, args.train_split, rank)
     eval_data = load_prompts(args, tokenizer, args.eval_split, rank)
+    if args.eval_samples > len(eval_data) and master:
+        print(f"--eval_samples {args.eval_samples}: the held-out split holds {len(eval_data)} prompts, all evaluated")
     num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
     if num_eval == 0:
         raise ValueError(f"evaluation needs at least one held-out prompt per rank: --eval_samples "
                          f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
     eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    args.eval_samples = num_eval
     if args.batch_size == 0:  # Section 5.2.1: the whole dataset, in whole minibatches
         unit = args.minibatch_size or args.world_size * args.per_device_train_batch_size
         args.batch_size = len(train_data) // unit * unit
@@ -709,6 +675,7 @@ if __name__ == "__main__":
     args.num_updates = args.num_iterations or usable // args.batch_size
     if len(args.eta) not in (1, args.num_updates):
         raise ValueError(f"--eta takes one value or one per iteration ({args.num_updates}), got {len(args.eta)}")
+    checkpoint_dir = find_checkpoint(args.resume_from, args) if args.resume_from else None
 
     torch.manual_seed(args.seed + rank)
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
@@ -732,35 +699,39 @@ if __name__ == "__main__":
         ref_policy = None
     elif frozen:  # the shared-bottom pi_0 (App. H.2.2)
         ref_policy = SharedBottomReference(raw_policy, args.num_layers_unfrozen, compute_dtype)
-    else:  # a frozen copy in the compute dtype (sharded like the policy)
-        ref_policy = frozen_copy(raw_policy, compute_dtype, args, device, fsdp)
+    else:  # the SFT model again, in the compute dtype (sharded like the policy)
+        ref_policy = load_policy(args.sft_model, compute_dtype, args, device, rank, fsdp).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(raw_policy)
     reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code,
                                      meta=fsdp is not None and rank > 0).requires_grad_(False).eval()
     # under FSDP2 sharded like pi_0, so that no rank holds a second whole model
     reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
-    if master:  # the run's arguments, complete once the end-of-turn tokens are known
-        os.makedirs(run_dir, exist_ok=True)
-        print(json.dumps(asdict(args), indent=1))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       save_code=True)
-    # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
-    # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
-    # last micro-step, 30 GB per GPU at 8B, which is what sharding is there to avoid (measured on CPU, 2 ranks,
-    # 4 micro-steps: 20% more time per update, as many reduce-scatters as micro-steps; see the README)
+    # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
+    # skipping that would keep whole unsharded fp32 gradients on every rank (docs/benchmarks.md measures the cost)
     policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and frozen \
         else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)
 
-    start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank) if args.resume_from else 0
-    if args.resume_from and master:  # forget what the interrupted run logged after its checkpoint
+    # the run folder, once everything has loaded: the checkpoint's, or a new one (rank 0's name on every rank)
+    run_dir = [os.path.dirname(os.path.abspath(checkpoint_dir)) if checkpoint_dir else
+               new_run_dir(f"chat__{args.exp_name}__{args.seed}__{int(time.time())}") if master else None]
+    if distributed:
+        dist.broadcast_object_list(run_dir)
+    run_dir = run_dir[0]
+    if master:  # the run's arguments, complete once the end-of-turn tokens are known
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
+                       name=os.path.basename(run_dir), save_code=True)
+    start_update = load_checkpoint(checkpoint_dir, policy, optimizer, shuffle_generator, rank)["update"] \
+        if checkpoint_dir else 0
+    if checkpoint_dir and master:  # forget what the interrupted run logged after its checkpoint, and a torn last line
         with open(f"{run_dir}/metrics.jsonl") as f:
-            kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
         with open(f"{run_dir}/metrics.jsonl", "w") as f:
             f.writelines(kept)
 
@@ -773,7 +744,7 @@ if __name__ == "__main__":
             with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
                 csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
             with open(f"{run_dir}/alpaca_eval_update{metrics['update']}.json", "w") as f:  # AlpacaEval's model_outputs
-                json.dump([dict(instruction=r["prompt"], output=r["response"], generator=run_name) for r in rows], f,
+                json.dump([dict(instruction=r["prompt"], output=r["response"], generator=os.path.basename(run_dir)) for r in rows], f,
                           indent=1)
         if args.track:
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
@@ -786,7 +757,6 @@ if __name__ == "__main__":
         log(metrics, rows)
 
     start_time = time.time()
-    skipped_in_a_row = 0  # optimizer steps with a non-finite gradient since the last finite one
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="iterations")
     for update in progress:
         eta = args.eta[update - 1] if len(args.eta) > 1 else args.eta[0]
@@ -839,7 +809,7 @@ if __name__ == "__main__":
         update_start = time.time()
         stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
                  for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
-        skipped_steps = 0
+        grad_norms = torch.zeros(args.num_epochs, args.num_minibatches, device=device)
         # on the CPU: the micro-batches are packed from token lists, and reading indices off a GPU would sync each time
         permutations = torch.stack([torch.randperm(args.local_batch_size, generator=shuffle_generator)
                                     for _ in range(args.num_epochs)])
@@ -880,15 +850,11 @@ if __name__ == "__main__":
                             stats["entropy"][at] = (entropy * response_mask).sum() / response_mask.sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-                if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
-                    optimizer.step()
-                    skipped_in_a_row = 0
-                else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
-                    skipped_steps, skipped_in_a_row = skipped_steps + 1, skipped_in_a_row + 1
-                    if skipped_in_a_row == 3:
-                        raise FloatingPointError(
-                            f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
-                            f"({grad_norm.item()}); stopping: resume from {run_dir}/checkpoint, if any, with a lower --lr")
+                grad_norms[epoch, minibatch] = grad_norm
+                if not torch.isfinite(grad_norm):  # the same on every rank (reduced gradients): no step on NaN
+                    raise FloatingPointError(f"update {update}: non-finite loss or gradient norm ({grad_norm.item()}); "
+                                             "stopped before the step: start again with a lower --lr")
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
@@ -906,8 +872,8 @@ if __name__ == "__main__":
             "policy/entropy": stats["entropy"][0][ran[0]].mean(),
             "rebel/loss_first_epoch": stats["loss"][0].sum(-1)[ran[0]].mean(),
             "rebel/loss_last_epoch": stats["loss"][-1].sum(-1)[ran[-1]].mean(),
-            "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"]}),
-            "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"], "eta": eta,
+            "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"], "train/grad_norm": grad_norms[ran].mean()}),
+            "lr": optimizer.param_groups[0]["lr"], "eta": eta,
             "time/rollout_s": rollout_time, "time/generate_s": seconds["generate"],
             "time/logprobs_s": seconds["logprobs"], "time/reward_s": seconds["reward"], "time/update_s": update_time,
             "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
@@ -921,7 +887,7 @@ if __name__ == "__main__":
         log(metrics, rows)
 
         if args.save_every and update % args.save_every == 0:
-            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, args, rank)
 
     # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained, with the SFT
     # model's generation config (its end-of-turn tokens): with frozen layers the model itself (DDP replicates it on

@@ -5,11 +5,12 @@
 import contextlib
 import csv
 import glob
+import itertools
 import json
 import os
-import random
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -23,8 +24,8 @@ from datasets import load_dataset
 from huggingface_hub import snapshot_download
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributions import Categorical
@@ -49,8 +50,8 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """write tiny random-weight models and a synthetic TL;DR dataset to runs/tiny/ (where missing) and train on them,
-    on CPU in about a minute: the TINY defaults (end of file) replace every paper default that no flag changed"""
+    """tiny random models and synthetic data (tiny.py, written to runs/tiny/ where missing), on CPU in about a minute:
+    TINY's values (below Args) become the defaults; flags given still win"""
 
     # models and data (App. H.1.1-H.1.2); a hub ID or a local path
     sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
@@ -86,8 +87,7 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
     per_device_train_batch_size: int = 8
-    """prompts per forward/backward on one device, with their responses (gradient accumulation makes up the
-    minibatch); also the micro-batch of the no-grad passes that score the samples"""
+    """prompts per forward/backward on one device (gradient accumulation makes up the minibatch), also per no-grad pass"""
     rollout_batch_size: int = 16
     """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 3e-6
@@ -109,26 +109,116 @@ class Args:
     save_every: int = 0
     """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
     resume_from: Optional[str] = None
-    """a checkpoint folder to continue from; the run goes on in that run's folder"""
+    """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
 
     # computed at run time
     world_size: tyro.conf.Suppress[int] = 1
-    """number of processes (computed at run time)"""
     local_batch_size: tyro.conf.Suppress[int] = 0
-    """prompts per update on one rank (computed at run time)"""
     gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
-    """micro-batches per optimizer step (computed at run time)"""
     num_updates: tyro.conf.Suppress[int] = 0
-    """iterations t of Algorithm 1 (computed at run time)"""
+    """iterations t of Algorithm 1"""
     eos_token_id: tyro.conf.Suppress[int] = 0
-    """the tokenizer's EOS, which ends a response (computed at run time)"""
     pad_token_id: tyro.conf.Suppress[int] = 0
-    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS (computed at run time)"""
+    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS"""
 
-    def __post_init__(self):  # --tiny: TINY's values replace the defaults that no flag changed (to another value)
-        for name in [name for name in TINY if self.tiny and getattr(self, name) == getattr(Args, name)]:
-            setattr(self, name, TINY[name])
 
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
+            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
+            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call, padded to `response_length` tokens. generate writes
+    padding after a response's first EOS and stops once every response has ended; under FSDP2 every rank steps until
+    all ranks are done (synced_gpus), since the all-gathers need as many forward passes on every rank."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
+                                     synced_gpus=isinstance(model, FSDPModule))
+    query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),
+                            value=args.pad_token_id)
+    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+
+
+def first_eos(responses, eos_id):
+    """Index of each response's first EOS; response_length where there is none."""
+    is_eos = responses == eos_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
+
+
+def token_logprobs(logits, tokens, temperatures):
+    """ln softmax(logits / t) at `tokens` for each t in `temperatures` (k, n, T), in fp32 for one chunk at a time."""
+    return torch.stack([(logits.float() / t).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+                        for t in temperatures])
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at each of `temperatures` (k, B, T), and with `with_entropy` the
+    per-token entropy at the first, from one forward pass. The LM head runs at the response positions only, and the
+    fp32 log-softmax one sequence at a time, recomputed in the backward pass, so that no fp32 [B x T x vocabulary]
+    logits exist. Positions count real tokens only, as generate() does: left padding changes nothing."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
+                                               device=query_responses.device)).logits
+    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
+                          in zip(logits.split(1), query_responses[:, context_length:].split(1))], 1)
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # a metric, outside the log-softmax that the backward pass recomputes
+        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperatures[0], validate_args=False).entropy()
+                                    for chunk in logits.split(1)])
+
+
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
+                     sample_temperature, args):
+    """Responses from one generate call at `sample_temperature`, ending at their first EOS; in no-grad micro-batches,
+    their sequence log-probs under pi and pi_0 at the training temperature (the loss's ln pi_t, whatever the sampler's)
+    and at the sampling one (Table 1's KL of near-greedy samples); the RM score at the EOS, Gamma if none (App. H.1.4)."""
+    context_length = queries.shape[1]
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
+    eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=queries.device) <= eos_index[:, None]
+    temperatures = tuple(dict.fromkeys([args.temperature, sample_temperature]))  # the training one first, once
+    logprobs, ref_logprobs, scores = [], [], []
+    micro_batch = args.per_device_train_batch_size * num_samples
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(query_responses), micro_batch)]:
+        logprobs.append(response_logprobs(model, query_responses[rows], attention_mask[rows], context_length,
+                                          temperatures)[0])
+        with ref_context():
+            ref_logprobs.append(response_logprobs(ref_policy, query_responses[rows], attention_mask[rows],
+                                                  context_length, temperatures)[0])
+        scores.append(reward_model(query_responses[rows], attention_mask[rows])[:, context_length:])
+    logprobs = (torch.cat(logprobs, 1) * response_mask).sum(-1)  # (temperatures, B)
+    ref_logprobs = (torch.cat(ref_logprobs, 1) * response_mask).sum(-1)
+    scores = torch.cat(scores).gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    contains_eos = eos_index < args.response_length
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],
+                kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1], scores=scores)
+
+
+def rebel_loss(logprobs, old_logprobs, rewards, eta):
+    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
+    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
+    ratios = logprobs - old_logprobs
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+
+
+# ---- infrastructure: models, sharding, data, start-up checks, checkpoints, evaluation ----
 
 class ScalarRewardModel(nn.Module):
     """RM(x, y): a scalar head on the backbone's last hidden state, minus a constant bias, at every position."""
@@ -144,8 +234,8 @@ class ScalarRewardModel(nn.Module):
 
 
 def load_reward_model(name, dtype, trust_remote_code, meta=False):
-    """The reward model `name` in `dtype`, on the CPU; with `meta`, its structure alone on the meta device (no memory),
-    for the ranks that receive the weights from rank 0 (shard_from_rank0)."""
+    """The reward model `name` in `dtype` on the CPU; with `meta`, its structure alone on the meta device, for the ranks
+    that receive the weights from rank 0 (shard_from_rank0)."""
     path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
     with open(f"{path}/config.json") as f:
         config = json.load(f)
@@ -180,8 +270,7 @@ def shard(model, mp_policy):
 
 def shard_from_rank0(model, mp_policy, device, rank):
     """FSDP2 without a whole model on any device, nor in host memory on any rank but rank 0: rank 0's `model` holds the
-    weights on the CPU, the other ranks' is on the meta device (no memory); every rank shards it, and rank 0
-    broadcasts the weights, each rank keeping its shard."""
+    weights on the CPU, the others' is on the meta device; every rank shards it and rank 0 broadcasts the weights."""
     state, buffers = (model.state_dict(), [b.clone() for b in model.buffers()]) if rank == 0 else ({}, [])
     shard(model, mp_policy)
     model.to_empty(device=device)
@@ -194,8 +283,7 @@ def shard_from_rank0(model, mp_policy, device, rank):
 
 
 def load_policy(name, dtype, args, device, rank, mp_policy=None):
-    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
-    torchrun), read by rank 0 alone and sharded (shard_from_rank0)."""
+    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy`, read by rank 0 alone and sharded."""
     if mp_policy is None or rank == 0:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
     else:
@@ -205,70 +293,18 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
     return model.to(device) if mp_policy is None else shard_from_rank0(model, mp_policy, device, rank)
 
 
-def frozen_copy(model, dtype, args, device, mp_policy=None):
-    """pi_0 for full-parameter training: a copy of the policy in `dtype`, made tensor by tensor (under FSDP2, shard by
-    shard from the sharded policy), so that no second whole fp32 model ever exists."""
-    with torch.device("meta"):
-        ref_policy = AutoModelForCausalLM.from_config(model.config, dtype=dtype, trust_remote_code=args.trust_remote_code)
-    if mp_policy is not None:
-        shard(ref_policy, mp_policy)
-    ref_policy.to_empty(device=device)
-    with torch.no_grad():
-        for target, source in zip([*ref_policy.parameters(), *ref_policy.buffers()], [*model.parameters(), *model.buffers()]):
-            target.copy_(source)
-    return ref_policy.eval().requires_grad_(False)
-
-
 def enable_gradient_checkpointing(model):
-    """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
-    that is set on the layers alone, so that the dropout modules inside them stay off (eval mode)."""
+    """Transformers recomputes activations in training mode only: set on the layers alone, so that dropout stays off."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             layer.training = True
 
 
-def load_prompts(args, tokenizer, split, rank):
-    dataset = load_dataset(args.dataset, split=split)
-    if missing := {"query", "reference_response"} - set(dataset.column_names):
-        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
-                         f"found {dataset.column_names}")
-
-    # numbers, not `args`, in the transforms: datasets reuses its cache only for what dill can hash, not a script's Args
-    eos, response_length, query_length = tokenizer.eos_token_id, args.response_length, args.query_length
-
-    def tokenize(batch):
-        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
-        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
-                "reference_token": [(r if eos in r else r + [eos])[:response_length] for r in references]}
-
-    dataset = dataset.map(tokenize, batched=True)
-    n = len(dataset)
-    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length)
-    if rank == 0 and len(dataset) < n:
-        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
-    return dataset
-
-
-def pad(sequences, pad_id, device, left=True):
-    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
-    width = max(len(s) for s in sequences)
-    fill = [[pad_id] * (width - len(s)) for s in sequences]
-    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
-    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
-
-
-def first_eos(responses, eos_id):
-    """Index of each response's first EOS; response_length where there is none."""
-    is_eos = responses == eos_id
-    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
-
-
 @contextlib.contextmanager
 def gathered(model):
-    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
-    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends: a whole `generate` costs
+    one all-gather instead of one per token. Nothing happens to an unsharded model."""
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)
@@ -280,84 +316,122 @@ def gathered(model):
             m.set_reshard_after_forward(True)
 
 
-def generate(model, queries, query_mask, num_samples, args, temperature):
-    """`num_samples` responses per prompt in one batched call, padded to `response_length` tokens. A response ends at
-    its first EOS: generate writes padding after it, and stops once every response has ended (the others' tokens are
-    drawn exactly as if it went on). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since the
-    all-gathers need the same number of forward passes on every rank."""
-    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
-    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
-                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
-                                     synced_gpus=isinstance(model, FSDPModule))
-    query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),
-                            value=args.pad_token_id)
-    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+def load_prompts(args, tokenizer, split, rank):
+    dataset = load_dataset(args.dataset, split=split)
+    if missing := {"query", "reference_response"} - set(dataset.column_names):
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
+                         f"found {dataset.column_names}")
+    # numbers, not `args`, in the transforms: datasets reuses its cache only for what dill can hash, not a script's Args
+    eos, response_length, query_length = tokenizer.eos_token_id, args.response_length, args.query_length
+
+    def tokenize(batch):
+        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
+        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
+                "reference_token": [(r if eos in r else r + [eos])[:response_length] for r in references]}
+
+    dataset = dataset.map(tokenize, batched=True)
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length)
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {args.dataset}: no {split} prompt of at most --query_length {query_length} tokens")
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+    return dataset
 
 
-def token_logprobs(logits, tokens, temperatures):
-    """ln softmax(logits / t) at `tokens` for each t in `temperatures` (k, n, T), from the logits of n sequences: these
-    fp32 copies of the logits exist for one chunk of sequences at a time."""
-    return torch.stack([(logits.float() / t).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
-                        for t in temperatures])
+# flags that may be 0 (0 for all, never, none) and fields computed later; any other number must be positive
+ZERO_ALLOWED = {"seed", "eval_samples", "eval_pairs", "save_every", "lora_rank", "kl_coef", "gamma", "lam",
+                "local_batch_size", "gradient_accumulation_steps", "num_updates", "eos_token_id", "pad_token_id"}
 
 
-def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
-    """ln pi(y_h | x, y_<h) of every response token at each sampling temperature in `temperatures` (k, B, T), and if
-    `with_entropy` the per-token entropy at the first, from one forward pass. The LM head runs at the response
-    positions only (`logits_to_keep`), and the fp32 log-softmax one sequence at a time, recomputed in the backward pass
-    (`checkpoint`), so that no fp32 copy of the whole [B x T x vocabulary] logits is ever made or kept. Positions
-    count real tokens only, as in generate() and the released code, so that left padding does not change the result."""
-    logits = model(input_ids=query_responses, attention_mask=attention_mask,
-                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
-                                               device=query_responses.device)).logits
-    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
-                          in zip(logits.split(1), query_responses[:, context_length:].split(1))], 1)
-    if not with_entropy:
-        return logprobs, None
-    with torch.no_grad():  # a metric: computed once, outside the log-softmax that the backward pass recomputes
-        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperatures[0], validate_args=False).entropy()
-                                    for chunk in logits.split(1)])
+def check_args(args):
+    """Bad input fails at start-up, before any model loads, naming the flag or path."""
+    for name, value in asdict(args).items():
+        if type(value) in (int, float) and name != "penalty_reward_value" and value <= 0 and (
+                value < 0 or name not in ZERO_ALLOWED):
+            raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")
+        if name.endswith(("model", "dataset")) and isinstance(value, str) and not os.path.exists(value) and (
+                value.startswith((".", "/", "~")) or value.count("/") > 1):  # a hub ID is "name" or "owner/name"
+            raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
 
 
-def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
-                     sample_temperature, args):
-    """Responses from one generate call at `sample_temperature`, ending at their first EOS (generate pads after it, so
-    pi, pi_0 and the RM below see the truncated response); in no-grad passes over micro-batches of the responses to
-    `per_device_train_batch_size` prompts, their sequence log-probs under pi and pi_0 up to the EOS, at the training
-    temperature on purpose (the loss's ln pi_t is the trained policy's, whatever the sampler's temperature) and at the
-    sampling one (Table 1's KL of near-greedy evaluation samples); the RM score at the EOS, Gamma if none (App. H.1.4)."""
-    context_length = queries.shape[1]
-    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
-    eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
-    response_mask = torch.arange(args.response_length, device=queries.device) <= eos_index[:, None]
-    temperatures = tuple(dict.fromkeys([args.temperature, sample_temperature]))  # the training one first, once
-    logprobs, ref_logprobs, scores = [], [], []
-    micro_batch = args.per_device_train_batch_size * num_samples
-    for rows in [slice(i, i + micro_batch) for i in range(0, len(query_responses), micro_batch)]:
-        logprobs.append(response_logprobs(model, query_responses[rows], attention_mask[rows], context_length,
-                                          temperatures)[0])
-        with ref_context():
-            ref_logprobs.append(response_logprobs(ref_policy, query_responses[rows], attention_mask[rows],
-                                                  context_length, temperatures)[0])
-        scores.append(reward_model(query_responses[rows], attention_mask[rows])[:, context_length:])
-    logprobs = (torch.cat(logprobs, 1) * response_mask).sum(-1)  # (temperatures, B)
-    ref_logprobs = (torch.cat(ref_logprobs, 1) * response_mask).sum(-1)
-    scores = torch.cat(scores).gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
-    contains_eos = eos_index < args.response_length
-    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
-    return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
-                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],
-                kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1], scores=scores)
+def new_run_dir(name):
+    """runs/{name}, or runs/{name}_2, ... when that exists (runs started in the same second): never another run's."""
+    for i in itertools.count(1):
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(run_dir := f"runs/{name}" + (f"_{i}" if i > 1 else ""))
+            return run_dir
 
 
-def rebel_loss(logprobs, old_logprobs, rewards, eta):
-    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
-      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
-    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
-    ratios = logprobs - old_logprobs
-    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+# what a resumed run may change: settings that do not change what is trained, and sizes computed from compared flags
+RESUMABLE = {"exp_name", "track", "wandb_project", "wandb_entity", "tiny", "eval_every", "eval_samples",
+             "eval_temperature", "save_every", "resume_from", "gradient_checkpointing", "local_batch_size",
+             "gradient_accumulation_steps", "num_updates"}
+
+
+def find_checkpoint(path, args):
+    """The checkpoint at `path`, or at `path`.old after a crash between save_checkpoint's two renames. A resume that
+    would change what is trained (RESUMABLE aside) is refused, listing each difference."""
+    path = path.rstrip("/")
+    found = next((p for p in [path, f"{path}.old"] if os.path.exists(f"{p}/state.pt")), None)
+    if found is None:
+        raise FileNotFoundError(f"--resume_from {path}: no checkpoint there (no state.pt)")
+    if found != path:
+        print(f"--resume_from {path}: missing after a crash between two renames; resuming from {found}")
+    saved = torch.load(f"{found}/state.pt", mmap=True, weights_only=True)["args"]
+    if changed := [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(args).items()
+                   if k not in RESUMABLE and saved.get(k) != v]:
+        raise ValueError(f"--resume_from {found}: the checkpoint was trained with other settings; resuming with these "
+                         f"would change what is trained: {', '.join(changed)}")
+    return found
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, rank, **extra):
+    """The trainable weights (safetensors) and one dict: the update index (whence the learning rate and the data
+    position), the arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state);
+    gathered on rank 0's CPU, which writes.
+    The new checkpoint is whole before the old one goes: at any instant, `path` or `path`.old holds a whole one."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng] * args.world_size  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(dict(update=update, args=asdict(args), optimizer=optimizer_state, rng=rngs, **extra),
+                   f"{path}.tmp/state.pt")
+        if os.path.exists(path):
+            shutil.rmtree(f"{path}.old", ignore_errors=True)
+            os.rename(path, f"{path}.old")
+        os.rename(f"{path}.tmp", path)
+        shutil.rmtree(f"{path}.old", ignore_errors=True)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    """The inverse of save_checkpoint; returns the saved dict. Under FSDP2 rank 0 reads the weights and optimizer state
+    and broadcasts them (state.pt is memory-mapped: the other ranks read their RNG states only)."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    state = torch.load(f"{path}/state.pt", mmap=True, weights_only=True)
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    trainable = set(get_model_state_dict(policy, options=StateDictOptions(ignore_frozen_params=True)))
+    if model_state and set(model_state) != trainable:
+        raise ValueError(f"{path}/model.safetensors holds {len(set(model_state) - trainable)} weights this model does "
+                         f"not train and lacks {len(trainable - set(model_state))} that it does")
+    # strict=False: the checkpoint holds the trainable weights only (checked above)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"] if rank == 0 or not sharded else {}, options=options)
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
 
 
 def mean_over_ranks(metrics):
@@ -368,53 +442,10 @@ def mean_over_ranks(metrics):
     return dict(zip(metrics, values.tolist()))
 
 
-def save_checkpoint(path, policy, optimizer, shuffle_generator, update, rank):
-    """Trainable weights (safetensors), optimizer state, every rank's RNG states and the update index, from which the
-    learning rate and the data position follow; gathered on rank 0's CPU only. Written beside the last checkpoint,
-    then swapped in: a crash while writing leaves the previous checkpoint whole."""
-    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = [rng] * (dist.get_world_size() if dist.is_initialized() else 1)  # every rank's, for rank 0 to write
-    if dist.is_initialized():
-        dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
-        os.makedirs(f"{path}.tmp")
-        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
-        torch.save(optimizer_state, f"{path}.tmp/optimizer.pt")
-        torch.save(rngs, f"{path}.tmp/rng.pt")
-        with open(f"{path}.tmp/state.json", "w") as f:
-            json.dump({"update": update}, f)
-        shutil.rmtree(path, ignore_errors=True)
-        os.rename(f"{path}.tmp", path)
-
-
-def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
-    """The inverse of save_checkpoint. Under FSDP2 rank 0 reads the weights and optimizer state and broadcasts them, so
-    that no other rank holds them whole in host memory; a LoRA checkpoint is small, and every rank reads it."""
-    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
-    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
-    optimizer_state = torch.load(f"{path}/optimizer.pt", weights_only=True) if rank == 0 or not sharded else {}
-    # strict=False: the checkpoint holds the trainable weights only (set_state_dict would skip them on empty ranks)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
-    set_model_state_dict(policy, model_state, options=options)
-    set_optimizer_state_dict(policy, optimizer, optimizer_state, options=options)
-    rng = torch.load(f"{path}/rng.pt", weights_only=True)[rank]
-    torch.set_rng_state(rng["torch"])
-    shuffle_generator.set_state(rng["shuffle"])
-    if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
-    with open(f"{path}/state.json") as f:
-        return json.load(f)["update"]
-
-
 def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
-    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS, as in training), KL(pi || pi_0)
-    at the evaluation temperature (Table 1's KL) and at the training one, win rate against the human reference by RM
-    score, EOS share, and the sample table. Prompts are split evenly over ranks."""
+    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS), KL(pi || pi_0) at the evaluation
+    temperature (Table 1's KL) and at the training one, win rate against the human reference by RM score, EOS share,
+    and the sample table. Prompts are split evenly over ranks."""
     rows, values = [], []  # values: {metric: one per sample} per batch
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
@@ -440,67 +471,8 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
     return metrics, rows
 
 
-# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
-TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
-            response_length=16, total_episodes=20 * 32, batch_size=32, per_device_train_batch_size=16,
-            rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16, eval_every=10, eval_samples=64)
-
-
-def write_tiny_assets(args):
-    """Whichever is missing of: a synthetic dataset in the real dataset's format, a tiny GPT-NeoX SFT policy with a
-    byte-level tokenizer and a random-weight GPT-NeoX reward model. The policy is fine-tuned for a few seconds on the
-    synthetic references (the paper starts from an SFT model too), so that its summaries end with EOS most of the
-    time, and near-greedy evaluation gives summaries rather than noise. The reward model's head is rescaled so that
-    reference summaries' scores have standard deviation 1 and a mean near 0."""
-    from transformers import ByT5Tokenizer, GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXModel
-    g = random.Random(0)
-    torch.manual_seed(0)
-    tokenizer = ByT5Tokenizer()
-    words = "cat dog rent job friend move car game date boss school money sister plan".split()
-    if not os.path.exists(f"{args.dataset}/validation.jsonl"):  # each asset is checked by a file written at its end
-        os.makedirs(args.dataset, exist_ok=True)
-        for split, n in [("train", 1024), ("validation", 128)]:
-            with open(f"{args.dataset}/{split}.jsonl", "w") as f:
-                for _ in range(n):
-                    post = " ".join(g.choice(words) for _ in range(g.randint(3, 8)))
-                    query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
-                    summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
-                    f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    data = load_prompts(args, tokenizer, "train", 0)
-    if not os.path.exists(f"{args.sft_model}/tokenizer_config.json"):
-        policy = GPTNeoXForCausalLM(config)
-        optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-        for step in range(300):  # SFT: next-token loss on the reference summaries
-            batch = data[torch.randint(len(data), (32,)).tolist()]
-            ids, mask = pad([q + r for q, r in zip(batch["query_token"], batch["reference_token"])], 0, "cpu", False)
-            prompt = torch.arange(ids.shape[1]) < torch.tensor([len(q) for q in batch["query_token"]])[:, None]
-            labels = torch.where(mask.bool() & ~prompt, ids, -100)  # the loss on the summaries only
-            policy(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        policy.save_pretrained(args.sft_model)
-        tokenizer.save_pretrained(args.sft_model)
-    if not os.path.exists(f"{args.reward_model}/tokenizer_config.json"):
-        # the reward model in the layout of summarize_from_feedback_details' reward.py: lm_backbone.*, scalar_head.*
-        rm = ScalarRewardModel(GPTNeoXModel(config), nn.Linear(config.hidden_size, 1), 0.0)
-        with torch.no_grad():  # like the paper's RMs, normalised on reference summaries (std 1, mean near 0)
-            ids, mask = pad([q + r for q, r in zip(data["query_token"], data["reference_token"])], 0, "cpu", left=False)
-            scores = rm(ids, mask)[range(len(ids)), mask.sum(1) - 1]
-            rm.scalar_head.weight /= scores.std()
-            rm.bias = (scores.mean() / scores.std()).item()
-        os.makedirs(args.reward_model, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in rm.state_dict().items()}, f"{args.reward_model}/model.safetensors")
-        with open(f"{args.reward_model}/config.json", "w") as f:
-            json.dump({"base_model": args.sft_model, "base_config": config.to_dict(), "hidden_size": config.hidden_size,
-                       "bias": rm.bias}, f, indent=2)
-        tokenizer.save_pretrained(args.reward_model)
-
-
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
 
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
@@ -516,6 +488,13 @@ if __name__ == "__main__":
     # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
+    # start-up checks, all before any model loads: flags, paths, the tokenizer, the data, the checkpoint's settings
+    if args.tiny and master:
+        import tiny  # test scaffolding, next to this file
+        tiny.write_tldr(args)
+    if distributed:
+        dist.barrier()
+    check_args(args)
     args.num_updates = args.total_episodes // args.batch_size
     args.local_batch_size = args.batch_size // args.world_size
     local_minibatch = args.local_batch_size // args.num_minibatches
@@ -525,39 +504,25 @@ if __name__ == "__main__":
         raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {args.world_size} x "
                          f"--num_minibatches {args.num_minibatches} x --per_device_train_batch_size "
                          f"{args.per_device_train_batch_size}, and at most --total_episodes {args.total_episodes}")
-
-    run_dir = os.path.dirname(os.path.abspath(args.resume_from)) if args.resume_from else \
-        f"runs/tldr__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if distributed:  # one run name on every rank (their messages name it): rank 0's
-        run_dir = [run_dir]
-        dist.broadcast_object_list(run_dir)
-        run_dir = run_dir[0]
-    run_name = os.path.basename(run_dir)
-    if args.tiny and master:
-        write_tiny_assets(args)
-    if distributed:
-        dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--sft_model {args.sft_model}: its tokenizer has no EOS token, which ends every response")
     args.eos_token_id = tokenizer.eos_token_id
     args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    # the data before the models, so that bad input (columns, sizes) fails in seconds, not after loading them
     train_data = load_prompts(args, tokenizer, "train", rank)
     eval_data = load_prompts(args, tokenizer, "validation", rank)
+    if args.eval_samples > len(eval_data) and master:
+        print(f"--eval_samples {args.eval_samples}: the validation split holds {len(eval_data)} prompts, all evaluated")
     num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
     if num_eval == 0:
         raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
                          f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
     eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    args.eval_samples = num_eval
     usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
     if usable == 0:
         raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        print(json.dumps(asdict(args), indent=1))
-        if args.track:
-            import wandb
-            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args), name=run_name,
-                       save_code=True)
+    checkpoint_dir = find_checkpoint(args.resume_from, args) if args.resume_from else None
 
     torch.manual_seed(args.seed + rank)
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
@@ -573,26 +538,38 @@ if __name__ == "__main__":
                                                            lora_dropout=0.0))
         ref_policy, ref_context = raw_policy, raw_policy.disable_adapter
     else:
-        ref_policy, ref_context = frozen_copy(raw_policy, compute_dtype, args, device, fsdp), contextlib.nullcontext
+        ref_policy = load_policy(args.sft_model, compute_dtype, args, device, rank, fsdp).eval().requires_grad_(False)
+        ref_context = contextlib.nullcontext
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(raw_policy)
     reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code,
                                      meta=fsdp is not None and rank > 0).requires_grad_(False).eval()
     # under FSDP2 sharded like pi_0, so that no rank holds a second whole model
     reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
-    # DDP reduces the gradients on the last micro-step only. FSDP2 reduce-scatters them on every micro-step: skipping
-    # that (set_requires_gradient_sync(False)) would keep whole unsharded fp32 gradients on every rank until the
-    # last micro-step, 27.6 GB per GPU at 6.9B, which is what sharding is there to avoid (measured on CPU, 2 ranks,
-    # 4 micro-steps: 20% more time per update, as many reduce-scatters as micro-steps; see the README)
+    # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
+    # skipping that would keep whole unsharded fp32 gradients on every rank (docs/benchmarks.md measures the cost)
     policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and lora \
         else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 
-    start_update = load_checkpoint(args.resume_from, policy, optimizer, shuffle_generator, rank) if args.resume_from else 0
-    if args.resume_from and master:  # forget what the interrupted run logged after its checkpoint
+    # the run folder, once everything has loaded: the checkpoint's, or a new one (rank 0's name on every rank)
+    run_dir = [os.path.dirname(os.path.abspath(checkpoint_dir)) if checkpoint_dir else
+               new_run_dir(f"tldr__{args.exp_name}__{args.seed}__{int(time.time())}") if master else None]
+    if distributed:
+        dist.broadcast_object_list(run_dir)
+    run_dir = run_dir[0]
+    if master:
+        print(json.dumps(asdict(args), indent=1))
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
+                       name=os.path.basename(run_dir), save_code=True)
+    start_update = load_checkpoint(checkpoint_dir, policy, optimizer, shuffle_generator, rank)["update"] \
+        if checkpoint_dir else 0
+    if checkpoint_dir and master:  # forget what the interrupted run logged after its checkpoint, and a torn last line
         with open(f"{run_dir}/metrics.jsonl") as f:
-            kept = [line for line in f if json.loads(line)["update"] <= start_update]
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
         with open(f"{run_dir}/metrics.jsonl", "w") as f:
             f.writelines(kept)
 
@@ -616,7 +593,6 @@ if __name__ == "__main__":
         log(metrics, rows)
 
     start_time = time.time()
-    skipped_in_a_row = 0  # optimizer steps with a non-finite gradient since the last finite one
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
     for update in progress:
         optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
@@ -649,7 +625,7 @@ if __name__ == "__main__":
         update_start = time.time()
         stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
                  for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
-        skipped_steps = 0
+        grad_norms = torch.zeros(args.num_epochs, args.num_minibatches, device=device)
         for epoch in range(args.num_epochs):
             permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
             for minibatch in range(args.num_minibatches):
@@ -673,15 +649,11 @@ if __name__ == "__main__":
                             stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-                if torch.isfinite(grad_norm):  # the same on every rank: the gradients are reduced
-                    optimizer.step()
-                    skipped_in_a_row = 0
-                else:  # a non-finite loss or gradient: skip the step, so that pi never samples from NaN weights
-                    skipped_steps, skipped_in_a_row = skipped_steps + 1, skipped_in_a_row + 1
-                    if skipped_in_a_row == 3:
-                        raise FloatingPointError(
-                            f"update {update}: 3 optimizer steps in a row had a non-finite loss or gradient norm "
-                            f"({grad_norm.item()}); stopping: resume from {run_dir}/checkpoint, if any, with a lower --lr")
+                grad_norms[epoch, minibatch] = grad_norm
+                if not torch.isfinite(grad_norm):  # the same on every rank (reduced gradients): no step on NaN
+                    raise FloatingPointError(f"update {update}: non-finite loss or gradient norm ({grad_norm.item()}); "
+                                             "stopped before the step: start again with a lower --lr")
+                optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         update_time = time.time() - update_start
 
@@ -690,8 +662,8 @@ if __name__ == "__main__":
             "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
             "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": stats["loss"].mean(),
             "rebel/approxkl": stats["approxkl"].mean(), "policy/entropy": stats["entropy"][0].mean(),
-            "rebel/loss_first_epoch": stats["loss"][0].mean(), "rebel/loss_last_epoch": stats["loss"][-1].mean()}),
-            "train/skipped_steps": skipped_steps, "lr": optimizer.param_groups[0]["lr"],
+            "rebel/loss_first_epoch": stats["loss"][0].mean(), "rebel/loss_last_epoch": stats["loss"][-1].mean(),
+            "train/grad_norm": grad_norms.mean()}), "lr": optimizer.param_groups[0]["lr"],
             "time/rollout_s": rollout_time, "time/update_s": update_time,
             "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
             "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
@@ -705,7 +677,7 @@ if __name__ == "__main__":
         log(metrics, rows)
 
         if args.save_every and update % args.save_every == 0:
-            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, rank)
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, args, rank)
 
     # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained: with LoRA, the
     # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards

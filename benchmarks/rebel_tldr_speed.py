@@ -16,6 +16,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import rebel_tldr  # noqa: E402
+import tiny  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 SIZES = {  # name: (layers, hidden, prompts per update)
@@ -87,7 +88,7 @@ if __name__ == "__main__":
         folder, prompts, separate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "separate"
         print(json.dumps(rollout_only(folder, prompts, separate)))
         sys.exit()
-    rebel_tldr.write_tiny_assets(rebel_tldr.Args(**rebel_tldr.TINY))
+    tiny.write_tldr(rebel_tldr.Args(**rebel_tldr.TINY))
     print(f"device: {'cuda' if torch.cuda.is_available() else 'cpu'}, torch threads: {torch.get_num_threads()}\n")
     print("| size | layers x hidden | prompts/update | rollout s/update | regression s/update | peak GB "
           "| rollout of one batch: 1 generate (2 samples) | 2 generates (1 sample each) | peak GB 1 vs 2 |")

@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dpo_tldr  # noqa: E402
 import rebel_tldr  # noqa: E402
+import tiny  # noqa: E402
 from rebel_tldr_speed import write_models  # noqa: E402  (random GPT-NeoX policy and RM of a given size)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -80,8 +81,8 @@ def run_script(method, sft_model, reward_model, prompts, updates, extra):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    rebel_tldr.write_tiny_assets(rebel_tldr.Args(**rebel_tldr.TINY))
-    dpo_tldr.write_tiny_preferences(dpo_tldr.Args(**dpo_tldr.TINY))
+    tiny.write_tldr(rebel_tldr.Args(**rebel_tldr.TINY))
+    tiny.write_tldr_preferences(dpo_tldr.Args(**dpo_tldr.TINY))
     if args.sft_model:
         setups = [(args.sft_model, "custom", args.sft_model, args.reward_model, args.prompts)]
     else:

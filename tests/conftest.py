@@ -40,17 +40,17 @@ FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["torch", "transformers", "transformers.modeling_utils", "peft", "diffusers", "tyro"])
 
 
-def start_script(script, workdir, *flags, env=None):
-    """`python SCRIPT --tiny FLAGS` in `workdir`, forked (see FORKSERVER); returns the process and the files of its
-    stdout and stderr."""
+def start_script(script, workdir, *flags, env=None, tiny=True):
+    """`python SCRIPT --tiny FLAGS` (without --tiny if not `tiny`) in `workdir`, forked (see FORKSERVER); returns the
+    process and the files of its stdout and stderr."""
     out, err = (f"{workdir}/.{script}.{time.time_ns()}.{name}" for name in ["out", "err"])
     proc = FORKSERVER.Process(target=forked_run.run_as_main, args=(
-        f"{ROOT}/{script}", ["--tiny", *flags], str(workdir), env or dict(os.environ), out, err))
+        f"{ROOT}/{script}", ["--tiny"] * tiny + list(flags), str(workdir), env or dict(os.environ), out, err))
     proc.start()
     return proc, out, err
 
 
-def run_script(script, workdir, *flags, torchrun=False, fresh=False, check=True, env=None):
+def run_script(script, workdir, *flags, torchrun=False, fresh=False, check=True, env=None, tiny=True):
     """`python SCRIPT --tiny FLAGS` in `workdir`, forked (see FORKSERVER) unless `fresh`, or under torchrun with 2 CPU
     processes; checks that it exits 0. Returns its exit status, stdout and stderr."""
     if torchrun or fresh:
@@ -59,7 +59,7 @@ def run_script(script, workdir, *flags, torchrun=False, fresh=False, check=True,
         proc = subprocess.run(launcher + [f"{ROOT}/{script}", "--tiny", *flags], cwd=workdir, env=env or dict(os.environ),
                               capture_output=True, text=True, timeout=600)
     else:
-        process, out, err = start_script(script, workdir, *flags, env=env)
+        process, out, err = start_script(script, workdir, *flags, env=env, tiny=tiny)
         process.join(600)
         if process.exitcode is None:
             process.kill()
@@ -113,23 +113,36 @@ def read_metrics(workdir, run_prefix):
         return run_dir, [json.loads(line) for line in f]
 
 
+def checkpoint_update(checkpoint):
+    import torch
+    return torch.load(f"{checkpoint}/state.pt", weights_only=True)["update"]
+
+
 def assert_resume_reproduces(script, workdir, name, *flags):
     """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint
-    exists and resume from that: the resumed run logs the same metrics (timings aside). Returns both runs' metrics."""
+    exists, leave the folders as a kill between the checkpoint swap's two renames leaves them (the checkpoint moved to
+    checkpoint.old, a torn checkpoint.tmp) and a torn last line in metrics.jsonl, and resume from it: the resumed run
+    logs the same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
     flags = ["--total_episodes", "96", "--eval_every", "2", "--eval_samples", "16", *flags]
     run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
     process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)
     deadline = time.time() + 300
-    while not glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint/state.json") and time.time() < deadline:
+    while not glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint/state.pt") and time.time() < deadline:
         assert process.is_alive(), finished(process, out, err).stderr[-3000:]
         time.sleep(0.05)
     process.kill()  # SIGKILL
     process.join()
     finished(process, out, err)
     (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint")
-    with open(f"{checkpoint}/state.json") as f:
-        assert json.load(f)["update"] == 2
-    run_script(script, workdir, "--exp_name", f"{name}_killed", "--resume_from", checkpoint, *flags)
+    assert checkpoint_update(checkpoint) == 2
+    os.rename(checkpoint, f"{checkpoint}.old")
+    os.makedirs(f"{checkpoint}.tmp")
+    with open(f"{checkpoint}.tmp/model.safetensors", "wb") as f:
+        f.write(b"torn")
+    with open(f"{os.path.dirname(checkpoint)}/metrics.jsonl", "a") as f:
+        f.write('{"update": 3, "objective/sco')
+    proc = run_script(script, workdir, "--exp_name", f"{name}_killed", "--resume_from", checkpoint, *flags)
+    assert f"resuming from {checkpoint}.old" in proc.stdout
     _, straight = read_metrics(workdir, f"tldr__{name}_straight")
     _, resumed = read_metrics(workdir, f"tldr__{name}_killed")
     assert [m["update"] for m in resumed] == [0, 1, 2, 3]
@@ -137,12 +150,12 @@ def assert_resume_reproduces(script, workdir, name, *flags):
         for key in a:
             if not key.startswith(("time/", "episodes_per_s", "memory/")):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
-    return straight, resumed
+    return straight, resumed, os.path.dirname(checkpoint)
 
 
 def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
     """`SCRIPT --tiny` on the TL;DR tiny models: one metrics line per update with `keys`, the held-out RM score (Gamma
-    without EOS) up by more than `min_gain`, the KL to pi_0 0 before and positive after, no skipped step, and a saved
+    without EOS) up by more than `min_gain`, the KL to pi_0 0 before and positive after, finite gradients, and a saved
     model whose LoRA is merged into its weights. Returns the run folder and the metrics."""
     run_script(script, workdir, "--exp_name", name)
     run_dir, metrics = read_metrics(workdir, f"tldr__{name}")
@@ -152,7 +165,7 @@ def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
     assert after["eval/scores"] > before["eval/scores"] + min_gain, (before, after)
     for kl in ["eval/kl_at_eval_temperature", "eval/kl_at_train_temperature"]:  # Table 1's, and at temperature 0.7
         assert after[kl] > 0 and before[kl] == pytest.approx(0, abs=1e-4)
-    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
+    assert all(0 < m["train/grad_norm"] < float("inf") for m in metrics[1:])
     assert all(m["policy/entropy"] > 0 for m in metrics[1:])  # measured in each update's first epoch
     import torch
     from transformers import AutoModelForCausalLM
@@ -160,3 +173,8 @@ def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
     trained = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()[weight]
     assert not torch.equal(trained, AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft").state_dict()[weight])
     return run_dir, metrics
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end run of a script (tiny models) or a torchrun launch; "
+                                       "`-m 'not slow'` runs the specification alone")

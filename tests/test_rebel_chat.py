@@ -4,6 +4,7 @@ from the response positions only, a shared-bottom reference equal to a full froz
 runs (N = 2 with frozen layers, N = 4 best/worst in full-parameter mode, torchrun with DDP and FSDP2) that learn, save,
 reload and resume, drop truncated pairs when asked, and stop on non-finite steps. Assertions on a run hold for any
 sample it draws, except that learning raises the held-out score."""
+import copy
 import glob
 import json
 import math
@@ -16,7 +17,9 @@ import torch
 from safetensors.torch import load_file
 
 import rebel_chat
-from conftest import assert_tokenization_is_cached, read_metrics, run_script, save_with_custom_code, tensor_layout
+import tiny
+from conftest import (assert_tokenization_is_cached, checkpoint_update, read_metrics, run_script, save_with_custom_code,
+                      tensor_layout)
 
 
 @pytest.fixture(autouse=True)
@@ -48,19 +51,18 @@ def tiny_rm(tokenizer, template):
 
 
 def test_remote_code_needs_the_flag(tmp_path):
-    """Checkpoints whose configs map to custom code run that code only with --trust_remote_code: the policy, pi_0 (a
-    frozen copy) and the RM. Without it, a known architecture loads as the built-in class."""
+    """Checkpoints whose configs map to custom code run that code only with --trust_remote_code: the policy (and pi_0,
+    its loader's) and the RM. Without it, a known architecture loads as the built-in class."""
     from transformers import ByT5Tokenizer
-    policy, rm = tiny_llama(layers=2), tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
+    policy, rm = tiny_llama(layers=2), tiny_rm(ByT5Tokenizer(extra_ids=0), tiny.CHAT_RM_TEMPLATE)
     save_with_custom_code(policy, tmp_path / "policy", "AutoModelForCausalLM")
     save_with_custom_code(rm.model, tmp_path / "rm", "AutoModelForSequenceClassification")
     rm.tokenizer.save_pretrained(tmp_path / "rm")
     for trust in [False, True]:
         args = SimpleNamespace(trust_remote_code=trust)
         loaded = rebel_chat.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
-        reference = rebel_chat.frozen_copy(loaded, torch.float32, args, "cpu")
         reward_model = rebel_chat.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
-        assert [hasattr(m, "custom") for m in [loaded, reference, reward_model.model]] == [trust] * 3
+        assert [hasattr(m, "custom") for m in [loaded, reward_model.model]] == [trust] * 2
 
 
 # a left-padded batch of prompts and right-padded responses of different lengths
@@ -135,7 +137,7 @@ def test_reward_model_scores_through_its_own_template():
     """A conversation rendered with the RM's template and tokenizer scores what the RM gives the same text written by
     hand; batching (right padding) changes nothing."""
     from transformers import ByT5Tokenizer
-    rm = tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
+    rm = tiny_rm(ByT5Tokenizer(extra_ids=0), tiny.CHAT_RM_TEMPLATE)
     conversations = [[{"role": "user", "content": "Why cat?"}, {"role": "assistant", "content": "dog"}],
                      [{"role": "user", "content": "Tell me about a plan?"}, {"role": "assistant", "content": "job"}]]
     by_hand = ["[INST] Why cat? [/INST] dog</s>", "[INST] Tell me about a plan? [/INST] job</s>"]
@@ -205,7 +207,7 @@ class DataArgs:
 def test_long_prompts_are_dropped_and_counted_in_the_policy_template(tmp_path, capsys):
     from transformers import ByT5Tokenizer
     tokenizer = ByT5Tokenizer()
-    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE  # 9 + len(prompt) + 1 + 14 tokens
+    tokenizer.chat_template = tiny.CHAT_POLICY_TEMPLATE  # 9 + len(prompt) + 1 + 14 tokens
     os.makedirs(tmp_path / "data")
     with open(tmp_path / "data" / "train-00000-of-00001.jsonl", "w") as f:
         f.writelines(json.dumps({"prompt": "x" * n}) + "\n" for n in [10, 16, 17, 200])
@@ -220,7 +222,7 @@ def test_long_prompts_are_dropped_and_counted_in_the_policy_template(tmp_path, c
 def test_tokenized_prompts_are_cached_across_runs(tmp_path):
     from transformers import ByT5Tokenizer
     tokenizer = ByT5Tokenizer()
-    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE
+    tokenizer.chat_template = tiny.CHAT_POLICY_TEMPLATE
     os.makedirs(tmp_path / "data")
     with open(tmp_path / "data" / "train-00000-of-00001.jsonl", "w") as f:
         f.write(json.dumps({"prompt": "x"}) + "\n")
@@ -242,15 +244,15 @@ def test_response_without_end_of_turn_scores_gamma(monkeypatch):
     none: the training loop then computes pi_t's for the pairs' responses only."""
     from transformers import ByT5Tokenizer
     policy, tokenizer = tiny_llama(), ByT5Tokenizer()
-    rm = tiny_rm(ByT5Tokenizer(extra_ids=0), rebel_chat.TINY_RM_TEMPLATE)
-    tokenizer.chat_template = rebel_chat.TINY_POLICY_TEMPLATE
+    rm = tiny_rm(ByT5Tokenizer(extra_ids=0), tiny.CHAT_RM_TEMPLATE)
+    tokenizer.chat_template = tiny.CHAT_POLICY_TEMPLATE
     dog, catnip = (tokenizer(w, add_special_tokens=False).input_ids for w in ["dog", "catnip"])
     generated = torch.tensor([dog + [2, 0, 0], catnip])  # "dog" and end-of-turn, then padding; "catnip" never ends
     policy.generate = lambda input_ids, **kwargs: torch.cat([input_ids, generated], 1)
     args = SimpleNamespace(pad_token_id=0, eos_token_ids=(1, 2), max_new_tokens=6, temperature=0.7,
                            penalty_reward_value=-4.0, per_device_train_batch_size=1)
     batch = {"prompt": ["Why cat?", "Why dog?"], "query_token": [[7, 8, 9], [10, 11]]}
-    reference = rebel_chat.frozen_copy(policy, torch.float32, SimpleNamespace(trust_remote_code=False), "cpu")
+    reference = copy.deepcopy(policy)
     scored, response_logprobs = [], rebel_chat.response_logprobs  # sequences per log-prob pass
     monkeypatch.setattr(rebel_chat, "response_logprobs", lambda model, ids, *a: scored.append(len(ids)) or
                         response_logprobs(model, ids, *a))
@@ -279,14 +281,6 @@ def test_learning_rate_schedules():
     assert rebel_chat.learning_rate(args, 1, 0) == 1.0 and rebel_chat.learning_rate(args, 3, 5) == pytest.approx(1 / 6)
 
 
-def test_tiny_defaults_apply_to_flags_not_given():
-    import tyro
-    args = tyro.cli(rebel_chat.Args, args=["--tiny", "--lr", "0.5"])
-    assert args.lr == 0.5  # given explicitly: kept
-    assert (args.batch_size, args.sft_model, args.num_layers_unfrozen) == (16, "runs/tiny_chat/sft", 2)  # TINY's
-    assert tyro.cli(rebel_chat.Args, args=[]).batch_size == 32  # the paper's
-
-
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
     """One folder for all runs, so that the tiny models and data are written once."""
@@ -302,7 +296,7 @@ def test_tiny_assets_follow_their_paths(tmp_path, monkeypatch):
     for path in earlier:
         os.makedirs(os.path.dirname(path))
         open(path, "w").close()
-    rebel_chat.write_tiny_assets(rebel_chat.Args(tiny=True, dataset="runs/other/prompts"))
+    tiny.write_chat(rebel_chat.Args(**{**rebel_chat.TINY, "dataset": "runs/other/prompts"}))
     assert os.path.getsize("runs/other/prompts/data/train_prefs-00000-of-00001.jsonl") > 0
     assert all(os.path.getsize(path) == 0 for path in earlier)
 
@@ -322,11 +316,12 @@ def tiny_run(workdir):
     return proc, *metrics_of(workdir, "e2e")
 
 
+@pytest.mark.slow
 def test_tiny_run_with_frozen_layers_learns_and_saves(workdir, tiny_run):
     proc, run_dir, metrics = tiny_run
     assert "train_prefs: dropped 21 of 1024 prompts longer than --max_prompt_length 64" in proc.stdout
     assert [m["update"] for m in metrics] == list(range(21))
-    assert all(m["train/skipped_steps"] == 0 and m["objective/dropped_share"] == 0 for m in metrics[1:])
+    assert all(0 < m["train/grad_norm"] < float("inf") and m["objective/dropped_share"] == 0 for m in metrics[1:])
     assert all(m["perf/tokens_per_s"] > 0 and m["time/generate_s"] > 0 for m in metrics[1:])
     before, after = metrics[0], metrics[-1]
     # learning, judged on the held-out prompts: the RM score rises (-0.32 to 0.52 when measured; the one assertion
@@ -343,14 +338,14 @@ def test_tiny_run_with_frozen_layers_learns_and_saves(workdir, tiny_run):
         trained_part = name.startswith(("model.layers.2.", "model.layers.3.", "model.norm", "lm_head"))
         assert torch.equal(trained[name], sft[name]) != trained_part, name
     # AdamW as the released code configures it: betas (0.9, 0.95), eps 1e-8, weight decay 1e-6
-    (group,) = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)["param_groups"]
+    (group,) = torch.load(f"{run_dir}/checkpoint/state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.9, 0.95), 1e-8, 1e-6)
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_metrics(workdir, tiny_run):
     _, run_dir, straight = tiny_run
-    with open(f"{run_dir}/checkpoint/state.json") as f:
-        assert json.load(f)["update"] == 18
+    assert checkpoint_update(f"{run_dir}/checkpoint") == 18
     run(workdir, "--exp_name", "e2e", "--resume_from", f"{run_dir}/checkpoint")
     _, resumed = metrics_of(workdir, "e2e")
     assert [m["update"] for m in resumed] == list(range(21))
@@ -360,18 +355,7 @@ def test_resume_gives_the_same_metrics(workdir, tiny_run):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
 
 
-def test_resume_from_the_last_iteration_saves_and_exits(workdir, tiny_run, tmp_path):
-    """A checkpoint written at the run's last iteration (here 18 of 18): nothing to train, the model is saved."""
-    run_dir = shutil.copytree(tiny_run[1], tmp_path / "run")
-    run(workdir, "--exp_name", "e2e", "--resume_from", f"{run_dir}/checkpoint", "--num_iterations", "18")
-    with open(f"{run_dir}/metrics.jsonl") as f:
-        assert [json.loads(line)["update"] for line in f] == list(range(19))
-    from transformers import AutoModelForCausalLM
-    saved = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
-    for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():
-        assert torch.equal(saved[name], value), name
-
-
+@pytest.mark.slow
 def test_tiny_best_of_4_full_parameter_learns_and_tracks(workdir):
     run(workdir, "--exp_name", "best_of_4", "--num_samples", "4", "--num_layers_unfrozen", "0", "--lr", "3e-4",
         "--num_iterations", "8", "--eval_samples", "32", "--track")
@@ -387,6 +371,7 @@ def test_tiny_best_of_4_full_parameter_learns_and_tracks(workdir):
         assert b"perf/tokens_per_s" in f.read()
 
 
+@pytest.mark.slow
 def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
     """Responses of at most 8 tokens, so that many never end their turn, scored Gamma = 1e6: a pair with one of them
     in the regression would add about 1e12 to the loss. The pairs dropped are those with a truncated response (a share
@@ -403,6 +388,7 @@ def test_drop_truncated_leaves_pairs_without_end_of_turn_out(workdir):
         assert m["objective/dropped_share"] == 1 or m["rebel/loss"] < 1e3, m  # NaN: no pair left to train on
 
 
+@pytest.mark.slow
 def test_a_minibatch_without_pairs_makes_no_step(workdir):
     """Responses of one token, which end their turn only if that token is the end-of-turn: nearly every pair is
     dropped (here, all of them). A minibatch without a pair makes no AdamW step (one would move the weights by its
@@ -420,26 +406,36 @@ def test_a_minibatch_without_pairs_makes_no_step(workdir):
     assert all((m["objective/dropped_share"] == 1) == math.isnan(m["rebel/loss"]) for m in metrics[1:])
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(workdir):
-    """eta = NaN makes every loss NaN: each optimizer step is skipped (the weights stay finite and unchanged) and
-    counted; the third in a row stops the run with an error naming the update, and the last checkpoint is kept, with
-    the AdamW hyperparameters given."""
-    # 2 optimizer steps per update (2 epochs, 1 minibatch): update 1 skips 2, update 2 stops at its first
-    proc = run(workdir, "--exp_name", "nan", "--eta", "nan", "--num_epochs", "2", "--num_iterations", "3",
-               "--save_every", "1", "--eval_samples", "16", "--adam_betas", "0.8", "0.9", "--adam_eps", "1e-6",
-               "--weight_decay", "0.01", check=False)
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_before_its_step(workdir):
+    """eta = NaN makes every loss NaN: the run stops before the first optimizer step, with an error naming the update,
+    and the checkpoint of a run that never took a step does not exist."""
+    proc = run(workdir, "--exp_name", "nan", "--eta", "nan", "--num_iterations", "3", "--save_every", "1",
+               "--eval_samples", "16", check=False)
     assert proc.returncode != 0
-    assert "FloatingPointError: update 2: 3 optimizer steps in a row had a non-finite loss or gradient norm" \
-        in proc.stderr
+    assert "FloatingPointError: update 1: non-finite loss or gradient norm (nan)" in proc.stderr
     run_dir, metrics = metrics_of(workdir, "nan")
-    assert [m["update"] for m in metrics] == [0, 1] and metrics[1]["train/skipped_steps"] == 2
-    with open(f"{run_dir}/checkpoint/state.json") as f:
-        assert json.load(f)["update"] == 1
-    sft = load_file(f"{workdir}/runs/tiny_chat/sft/model.safetensors")
-    for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():
-        assert torch.equal(value, sft[name]), name
-    (group,) = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)["param_groups"]
+    assert [m["update"] for m in metrics] == [0] and not os.path.exists(f"{run_dir}/checkpoint")
+
+
+@pytest.mark.slow
+def test_adamw_settings_and_a_resume_from_the_last_iteration(workdir):
+    """The checkpoint holds AdamW with the settings given; resumed from the run's last iteration, there is nothing to
+    train and the model is saved again, the checkpoint's weights."""
+    flags = ["--exp_name", "adamw", "--num_iterations", "1", "--save_every", "1", "--eval_samples", "16",
+             "--adam_betas", "0.8", "0.9", "--adam_eps", "1e-6", "--weight_decay", "0.01"]
+    run(workdir, *flags)
+    run_dir, _ = metrics_of(workdir, "adamw")
+    (group,) = torch.load(f"{run_dir}/checkpoint/state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.01)
+    shutil.rmtree(f"{run_dir}/model")
+    run(workdir, *flags, "--resume_from", f"{run_dir}/checkpoint")
+    with open(f"{run_dir}/metrics.jsonl") as f:
+        assert [json.loads(line)["update"] for line in f] == [0, 1]
+    from transformers import AutoModelForCausalLM
+    saved = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():
+        assert torch.equal(saved[name], value), name
 
 
 # Section 5.2.1 in miniature: the whole (sliced) train split as one batch, best/worst of 4, truncated pairs dropped,
@@ -450,6 +446,7 @@ LARGE_BATCH = ["--num_layers_unfrozen", "0", "--train_split", "train_prefs[:70]"
                "--lr_schedule", "cosine", "--warmup_ratio", "0.1", "--eta", "2", "1", "--gradient_checkpointing"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], LARGE_BATCH], ids=["ddp_frozen", "fsdp2_full_large_batch"])
 def test_torchrun_two_processes(workdir, mode):
     """Two ranks stay in step whatever lengths their responses have (FSDP2's generate steps until all ranks are

@@ -1,8 +1,11 @@
 """Specification of rebel_lcm.py: the hand-written sampler is diffusers' LCM sampler on the released code's timesteps,
 the training pass recomputes the sampling log-probabilities in one batched UNet call, the aesthetic head loads only
-tensors and scores in float32, and the script runs end to end on tiny models (single process and torchrun), raises the
-aesthetic score, saves LoRA weights that load with their alpha, resumes (also a finished run), and skips non-finite
-steps."""
+tensors and scores in float32, bad flags and paths fail at start-up, a checkpoint survives a kill during its swap and
+refuses weights or settings that do not fit; and the script runs end to end on tiny models (single process and
+torchrun), raises the aesthetic score, saves LoRA weights that load with their alpha, resumes exactly (also a finished
+run, also after a kill between the checkpoint swap's renames), and stops before a step on a non-finite gradient."""
+import ast
+import dataclasses
 import glob
 import json
 import os
@@ -15,7 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import rebel_lcm
-from conftest import read_metrics, run_script
+import tiny
+from conftest import ROOT, checkpoint_update, read_metrics, run_script
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +29,7 @@ def workdir(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(path)
     try:
-        rebel_lcm.write_tiny_assets(rebel_lcm.Args(tiny=True, **rebel_lcm.TINY))
+        tiny.write_lcm(rebel_lcm.Args(tiny=True, **rebel_lcm.TINY))
     finally:
         os.chdir(cwd)
     return path
@@ -151,10 +155,6 @@ def test_aesthetic_head_loads_a_state_dict_and_rejects_pickled_code(workdir, tmp
         rebel_lcm.load_aesthetic_scorer(args)
     assert not marker.exists()
 
-    args.aesthetic_head_path = str(tmp_path / "missing.pth")
-    with pytest.raises(FileNotFoundError, match=r"aesthetic head weights not found at --aesthetic_head_path .*"
-                                                r"missing\.pth; download sac\+logos\+ava1-l14-linearMSE\.pth"):
-        rebel_lcm.load_aesthetic_scorer(args)
 
 
 def test_scores_and_rewards_are_float32_inside_the_bf16_autocast(workdir):
@@ -173,20 +173,105 @@ def test_scores_and_rewards_are_float32_inside_the_bf16_autocast(workdir):
     assert rewards.dtype == torch.float32
 
 
-def test_tiny_defaults_go_under_explicit_flags():
-    import tyro
-    args = tyro.cli(rebel_lcm.Args, args=["--tiny", "--lr", "0.5"])
-    assert args.tiny and args.lr == 0.5
-    assert all(getattr(args, key) == value for key, value in rebel_lcm.TINY.items() if key != "lr")
-    assert tyro.cli(rebel_lcm.Args, args=["--lr", "0.5"]) == rebel_lcm.Args(lr=0.5)
+@pytest.mark.parametrize("flags, message", [
+    (dict(eta=0.0), "--eta must be positive, got 0.0"), (dict(eta=-1.0), "--eta must be positive, got -1.0"),
+    (dict(train_batch_size=0), "--train_batch_size must be positive, got 0"),
+    (dict(lora_rank=0), "--lora_rank must be positive, got 0"),
+    (dict(eval_prompts=-3), "--eval_prompts must be at least 0, got -3"),
+    (dict(model="./no/lcm"), "--model ./no/lcm: no such local file or folder"),
+    (dict(clip_model="/no/clip"), "--clip_model /no/clip: no such local file or folder"),
+    (dict(aesthetic_head_path="missing.pth"), "--aesthetic_head_path missing.pth: no such local file or folder"),
+    (dict(prompts_file="prompts.txt"), "--prompts_file prompts.txt: no such local file or folder")])
+def test_bad_flags_and_paths_are_named(flags, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sac+logos+ava1-l14-linearMSE.pth").touch()  # the paper's head, where the default points
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        rebel_lcm.check_args(rebel_lcm.Args(**flags))
+    rebel_lcm.check_args(rebel_lcm.Args())  # the paper's settings pass (its models are hub IDs)
+
+
+def test_the_shared_skeleton_is_rebel_tldrs():
+    """The parts every script shares are the same words here as in rebel_tldr.py."""
+    def definitions(script):
+        with open(f"{ROOT}/{script}.py") as f:
+            source = f.read()
+        return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
+                if isinstance(node, ast.FunctionDef)}
+    reference, lcm = definitions("rebel_tldr"), definitions("rebel_lcm")
+    for name in ["new_run_dir", "find_checkpoint", "mean_over_ranks", "rebel_loss"]:
+        assert lcm[name] == reference[name], name
+
+
+def tiny_checkpoint(path, update, model, args, buffers):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model["lora_A"](torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    rebel_lcm.save_checkpoint(path, model, optimizer, torch.Generator(), update, args, 0, reward_buffers=buffers)
+
+
+def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp_path, monkeypatch):
+    """save_checkpoint killed before each of its file operations (by an exception there): the checkpoint found
+    afterwards is whole, the previous update's or the new one's, with that update's weights and reward buffers."""
+    args = rebel_lcm.Args()
+
+    class Killed(Exception):
+        pass
+
+    outcomes = []
+    for kill_at in range(10):
+        path = str(tmp_path / str(kill_at) / "checkpoint")
+        torch.manual_seed(0)
+        model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2)})
+        tiny_checkpoint(path, 1, model, args, {"cat": [1.0]})
+        weights = {1: model["lora_A"].weight.detach().clone()}
+        calls = []
+
+        def killing(function):
+            def wrapped(*a, **k):
+                calls.append(function)
+                if len(calls) > kill_at:
+                    raise Killed
+                return function(*a, **k)
+            return wrapped
+
+        with monkeypatch.context() as patch:
+            for module, name in [(rebel_lcm.os, "rename"), (rebel_lcm.shutil, "rmtree"), (rebel_lcm, "save_file"),
+                                 (rebel_lcm.torch, "save")]:
+                patch.setattr(module, name, killing(getattr(module, name)))
+            try:
+                tiny_checkpoint(path, 2, model, args, {"cat": [1.0, 2.0]})
+            except Killed:
+                pass
+        weights[2] = model["lora_A"].weight.detach().clone()
+        found = rebel_lcm.find_checkpoint(path, args)
+        loaded = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2)})
+        state = rebel_lcm.load_checkpoint(found, loaded, torch.optim.AdamW(loaded.parameters()), torch.Generator(), 0)
+        torch.testing.assert_close(loaded["lora_A"].weight, weights[state["update"]], atol=0, rtol=0)
+        assert len(state["reward_buffers"]["cat"]) == state["update"]
+        outcomes.append((state["update"], found.endswith(".old")))
+    assert outcomes[0] == (1, False) and outcomes[-1] == (2, False)  # killed at once; not killed
+    assert (1, True) in outcomes  # killed between the renames: the previous checkpoint, from checkpoint.old
+
+
+def test_weights_or_settings_that_do_not_fit_are_refused(tmp_path):
+    path = str(tmp_path / "checkpoint")
+    args = rebel_lcm.Args()
+    tiny_checkpoint(path, 1, torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2)}), args, {})
+    other = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2), "lora_B": torch.nn.Linear(2, 2)})
+    with pytest.raises(ValueError, match="holds 0 weights this model does not train and lacks 2 that it does"):
+        rebel_lcm.load_checkpoint(path, other, torch.optim.AdamW(other.parameters()), torch.Generator(), 0)
+    # evaluation, saving, tracking and the number of epochs may change; what is trained may not
+    assert rebel_lcm.find_checkpoint(path, dataclasses.replace(args, eval_every=3, num_epochs=200, track=True)) == path
+    with pytest.raises(ValueError, match="would change what is trained: sample_batch_size 8 -> 4, lora_rank 8 -> 4$"):
+        rebel_lcm.find_checkpoint(path, dataclasses.replace(args, sample_batch_size=4, lora_rank=4))
 
 
 def test_tiny_assets_are_written_where_the_flags_point(workdir, tmp_path, monkeypatch):
     """An earlier tiny run's assets in ./runs/tiny_lcm do not keep --tiny --model DIR from writing DIR."""
     monkeypatch.chdir(workdir)
     paths = dict(model=tmp_path / "lcm", clip_model=tmp_path / "clip", aesthetic_head_path=tmp_path / "head.pth")
-    args = rebel_lcm.Args(tiny=True, **{key: str(path) for key, path in paths.items()})
-    rebel_lcm.write_tiny_assets(args)
+    args = rebel_lcm.Args(tiny=True, **{**rebel_lcm.TINY, **{key: str(path) for key, path in paths.items()}})
+    tiny.write_lcm(args)
     written = [paths["model"] / "model_index.json", paths["clip_model"] / "config.json", paths["aesthetic_head_path"]]
     for path in written:
         assert path.exists(), path
@@ -206,16 +291,17 @@ def lora_config(run_dir):
         return {k.removeprefix("unet."): v for k, v in json.loads(f.metadata()["lora_adapter_metadata"]).items()}
 
 
+@pytest.mark.slow
 def test_tiny_run_raises_the_aesthetic_score_and_saves(workdir):
     run(workdir, "--exp_name", "e2e")
     run_dir, metrics = metrics_of(workdir, "e2e")
     keys = {"update", "epoch", "reward_queries", "objective/scores", "objective/scores_std", "rebel/loss",
-            "rebel/grad_norm", "train/skipped_steps", "lr", "time/sampling_s", "time/training_s",
-            "time/sampling_images_per_s", "time/training_images_per_s", "memory/peak_gb"}
+            "train/grad_norm", "lr", "time/sampling_s", "time/training_s", "time/sampling_images_per_s",
+            "time/training_images_per_s", "memory/peak_gb"}
     num_updates = rebel_lcm.TINY["num_epochs"] * rebel_lcm.TINY["batches_per_epoch"]
     assert [m["update"] for m in metrics] == list(range(num_updates + 1))
     assert all(keys <= set(m) for m in metrics[1:])
-    assert all(m["train/skipped_steps"] == 0 for m in metrics[1:])
+    assert all(0 < m["train/grad_norm"] < float("inf") for m in metrics[1:])
     assert metrics[-1]["reward_queries"] == num_updates * 2 * rebel_lcm.TINY["sample_batch_size"]
     evaluations = [m["update"] for m in metrics if "eval/scores" in m]
     assert evaluations == [0, 10, 20, 30]  # before training, then every 2 epochs of 5 updates
@@ -238,12 +324,20 @@ def test_tiny_run_raises_the_aesthetic_score_and_saves(workdir):
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 8, "gaussian")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run_exactly(workdir):
-    """The first 5 updates of the e2e run with a checkpoint at the end, resumed for 5 more: the e2e run's metrics."""
+    """The first 5 updates of the e2e run with a checkpoint at the end, left as a kill between the checkpoint swap's
+    two renames leaves it (moved to checkpoint.old, a torn checkpoint.tmp) with a torn last line in metrics.jsonl, and
+    resumed for 5 more: the e2e run's metrics."""
     run(workdir, "--exp_name", "resumed", "--num_epochs", "1", "--save_every", "5")
     (checkpoint,) = glob.glob(f"{workdir}/runs/lcm__resumed__*/checkpoint")
-    with open(f"{checkpoint}/state.json") as f:
-        assert json.load(f)["update"] == 5
+    assert checkpoint_update(checkpoint) == 5
+    os.rename(checkpoint, f"{checkpoint}.old")
+    os.makedirs(f"{checkpoint}.tmp")
+    with open(f"{checkpoint}.tmp/model.safetensors", "wb") as f:
+        f.write(b"torn")
+    with open(f"{os.path.dirname(checkpoint)}/metrics.jsonl", "a") as f:
+        f.write('{"update": 6, "objective/sco')
     run(workdir, "--exp_name", "resumed", "--num_epochs", "2", "--resume_from", checkpoint)
     _, resumed = metrics_of(workdir, "resumed")
     if not glob.glob(f"{workdir}/runs/lcm__e2e__*"):
@@ -256,6 +350,7 @@ def test_resume_continues_the_run_exactly(workdir):
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a["update"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_a_prompts_file_and_wandb(workdir):
     with open(f"{workdir}/prompts.txt", "w") as f:
         f.write("red fox\n\nblue whale\n")
@@ -280,7 +375,7 @@ def finished_run(workdir):
     resumed from that checkpoint: nothing is left to train, and the run must still save them and exit 0."""
     flags = ["--exp_name", "finished", "--num_epochs", "1", "--batches_per_epoch", "2", "--eval_prompts", "2",
              "--save_every", "2", "--lora_alpha", "16", "--lora_init", "default", "--weight_decay", "0.01",
-             "--timesteps", "diffusers"]
+             "--timesteps", "diffusers", "--lr", "3e-4"]  # the paper's lr: under --tiny, a flag given still wins
     run(workdir, *flags)
     (run_dir,) = glob.glob(f"{workdir}/runs/lcm__finished__*")
     shutil.rmtree(f"{run_dir}/lora")
@@ -288,6 +383,7 @@ def finished_run(workdir):
     return run_dir, proc
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_saves_the_lora_weights(workdir, finished_run):
     run_dir, proc = finished_run
     assert "eval/scores" in proc.stdout  # the summary: the finished run's last metrics
@@ -297,10 +393,47 @@ def test_resuming_a_finished_run_saves_the_lora_weights(workdir, finished_run):
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     config = lora_config(run_dir)
     assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 16, True)
-    optimizer = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)
+    optimizer = torch.load(f"{run_dir}/checkpoint/state.pt", weights_only=True)["optimizer"]
     assert optimizer["param_groups"][0]["weight_decay"] == 0.01
 
 
+@pytest.mark.slow
+def test_a_flag_at_the_paper_default_wins_over_tiny(workdir, finished_run):
+    """--tiny --lr 3e-4: the paper's value, not TINY's 2e-2, although it equals the default of Args."""
+    assert rebel_lcm.TINY["lr"] != rebel_lcm.Args.lr == 3e-4
+    _, proc = finished_run
+    assert json.loads(proc.stdout[proc.stdout.index("{"): proc.stdout.index("}") + 1])["lr"] == 3e-4
+    _, metrics = metrics_of(workdir, "finished")
+    assert all(m["lr"] == 3e-4 for m in metrics[1:])
+
+
+@pytest.mark.slow
+def test_resume_with_other_training_settings_is_refused(workdir, finished_run):
+    """Refused before any model loads, naming each setting that differs; the run's files are left as they were."""
+    run_dir, _ = finished_run
+    with open(f"{run_dir}/metrics.jsonl", "rb") as f:
+        logged = f.read()
+    proc = run(workdir, "--exp_name", "finished", "--num_epochs", "1", "--batches_per_epoch", "2", "--eval_prompts", "2",
+               "--save_every", "2", "--lora_alpha", "16", "--lora_init", "default", "--weight_decay", "0.01",
+               "--timesteps", "diffusers", "--lr", "1e-3", "--resume_from", f"{run_dir}/checkpoint", check=False)
+    assert proc.returncode != 0
+    assert "would change what is trained: lr 0.0003 -> 0.001" in proc.stderr, proc.stderr[-3000:]
+    assert "Loading" not in proc.stderr  # no model loaded
+    with open(f"{run_dir}/metrics.jsonl", "rb") as f:
+        assert f.read() == logged
+    assert glob.glob(f"{workdir}/runs/lcm__finished__*") == [run_dir]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, message", [("--train_batch_size", "--train_batch_size must be positive, got 0"),
+                                           ("--eta", "--eta must be positive, got 0.0")])
+def test_a_zero_size_or_eta_fails_at_start_up_naming_the_flag(workdir, flag, message):
+    proc = run(workdir, "--exp_name", "zero", flag, "0", check=False)
+    assert proc.returncode != 0 and f"ValueError: {message}" in proc.stderr, proc.stderr[-3000:]
+    assert not glob.glob(f"{workdir}/runs/lcm__zero__*")  # no run folder is left behind
+
+
+@pytest.mark.slow
 def test_saved_lora_loads_with_its_alpha(workdir, finished_run):
     """--lora_alpha 16 --lora_rank 8: the adapter's output is scaled by 2. The pipeline with the saved LoRA weights
     computes what the trained UNet computed (the checkpoint's weights in a PEFT UNet with the run's LoraConfig)."""
@@ -321,27 +454,18 @@ def test_saved_lora_loads_with_its_alpha(workdir, finished_run):
     torch.testing.assert_close(loaded, expected, atol=1e-5, rtol=0)
 
 
-def test_non_finite_steps_are_skipped_and_three_in_a_row_stop_the_run(workdir):
-    """A NaN in the aesthetic head makes every score, reward and loss NaN: each optimizer step is skipped and counted,
-    the LoRA weights stay the initial ones (the script's seed, the Gaussian init), and the third skip in a row stops
-    the run, keeping the checkpoint of update 2."""
+@pytest.mark.slow
+def test_a_non_finite_gradient_stops_the_run_before_the_step(workdir):
+    """A NaN in the aesthetic head makes every score, reward, loss and gradient NaN: the run stops at update 1 before
+    the optimizer step, naming the update and what to do, logs no update and keeps no checkpoint."""
     state = torch.load(f"{workdir}/runs/tiny_lcm/head.pth", weights_only=True)
     state["layers.7.bias"] = torch.full_like(state["layers.7.bias"], float("nan"))
     torch.save(state, f"{workdir}/nan_head.pth")
     proc = run(workdir, "--exp_name", "nan", "--aesthetic_head_path", "nan_head.pth", "--num_epochs", "1",
                "--batches_per_epoch", "5", "--eval_prompts", "2", "--save_every", "1", check=False)
     assert proc.returncode != 0
-    assert "FloatingPointError: update 3: 3 optimizer steps in a row skipped" in proc.stderr, proc.stderr[-3000:]
-    assert "try a lower --lr" in proc.stderr
+    assert "FloatingPointError: update 1: non-finite loss or gradient norm (nan); stopped before the step: start " \
+           "again with a lower --lr" in proc.stderr, proc.stderr[-3000:]
     run_dir, metrics = metrics_of(workdir, "nan")
-    assert [(m["update"], m["train/skipped_steps"]) for m in metrics[1:]] == [(1, 1), (2, 1), (3, 1)]
-    with open(f"{run_dir}/checkpoint/state.json") as f:
-        assert json.load(f)["update"] == 2
-    saved = load_file(f"{run_dir}/checkpoint/model.safetensors")
-    assert all(torch.isfinite(v).all() for v in saved.values())
-    initial = {k: v for k, v in tiny_pipeline(workdir).unet.state_dict().items() if "lora_" in k}
-    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in saved)
-    kaiming = {k: v for k, v in tiny_pipeline(workdir, lora_init=True).unet.state_dict().items() if "lora_A" in k}
-    assert not any(torch.equal(saved[k], kaiming[k]) for k in kaiming)  # the default init is the Gaussian one
-    optimizer = torch.load(f"{run_dir}/checkpoint/optimizer.pt", weights_only=True)
-    assert optimizer["param_groups"][0]["weight_decay"] == 0.0 and not optimizer["state"]  # no step was taken
+    assert [m["update"] for m in metrics] == [0]
+    assert not os.path.exists(f"{run_dir}/checkpoint")

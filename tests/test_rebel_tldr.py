@@ -2,7 +2,6 @@
 to end on tiny models (single process, torchrun with DDP+LoRA and FSDP2), learns, resumes, and rejects bad input."""
 import dataclasses
 import glob
-import importlib
 import json
 import os
 import shutil
@@ -145,9 +144,17 @@ def metrics_of(workdir, exp_name):
     return read_metrics(workdir, f"tldr__{exp_name}")
 
 
+def write_tiny_assets(workdir):
+    """The tiny models and data where the runs in `workdir` find them (tiny.py writes what is missing)."""
+    import tiny
+    tiny.write_tldr(rebel_tldr.Args(**{**rebel_tldr.TINY, **{k: f"{workdir}/{rebel_tldr.TINY[k]}" for k in
+                                                              ["sft_model", "reward_model", "dataset"]}}))
+
+
+@pytest.mark.slow
 def test_tiny_run_learns_and_saves(workdir):
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
-            "rebel/loss", "rebel/approxkl", "policy/entropy", "train/skipped_steps", "lr", "time/rollout_s",
+            "rebel/loss", "rebel/approxkl", "policy/entropy", "train/grad_norm", "lr", "time/rollout_s",
             "time/update_s", "episodes_per_s", "memory/peak_gb"}
     run_dir, metrics = assert_tiny_run_learns("rebel_tldr.py", workdir, "e2e", keys, 0.1)
     before, after = metrics[0], metrics[-1]
@@ -164,6 +171,7 @@ def test_tiny_run_learns_and_saves(workdir):
     torch.testing.assert_close(adapted.state_dict()[weight], trained.state_dict()[weight])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4", "--gradient_checkpointing"]],
                          ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
@@ -189,8 +197,21 @@ def test_torchrun_two_processes(workdir, mode):
         torch.testing.assert_close(final[key], value)
 
 
-def test_resume_gives_the_same_metrics(workdir):
-    assert_resume_reproduces("rebel_tldr.py", workdir, "rebel")
+@pytest.mark.slow
+def test_resume_gives_the_same_metrics_and_refuses_changed_settings(workdir):
+    """A resume reproduces the uninterrupted run, even after a kill mid-swap (see assert_resume_reproduces); one that
+    would change what is trained is refused before anything loads or is written, naming each changed setting."""
+    *_, run_dir = assert_resume_reproduces("rebel_tldr.py", workdir, "rebel")
+    files = {f: open(f, "rb").read() for f in [f"{run_dir}/metrics.jsonl", *glob.glob(f"{run_dir}/model/*")]}
+    flags = ["--exp_name", "rebel_killed", "--total_episodes", "96", "--eval_samples", "16",
+             "--resume_from", f"{run_dir}/checkpoint"]
+    for changed, message in [(["--batch_size", "16", "--per_device_train_batch_size", "8"],
+                              "batch_size 32 -> 16, per_device_train_batch_size 16 -> 8"),
+                             (["--lora_rank", "0"], "lora_rank 8 -> 0")]:
+        proc = run(workdir, *flags, *changed, check=False)
+        assert proc.returncode != 0 and "would change what is trained: " + message in proc.stderr, proc.stderr[-2000:]
+        assert "Loading weights" not in proc.stderr
+    assert files == {f: open(f, "rb").read() for f in files}
 
 
 def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_path):
@@ -262,19 +283,12 @@ def test_tokenized_prompts_are_cached_across_runs(tmp_path):
     assert_tokenization_is_cached("rebel_tldr.py", "load_prompts", ByT5Tokenizer(), dataset=str(tmp_path / "data"))
 
 
+@pytest.mark.slow
 def test_indivisible_batch_sizes_are_rejected(workdir):
     proc = run(workdir, "--batch_size", "30", "--per_device_train_batch_size", "16", check=False)
     assert proc.returncode != 0
     assert "--batch_size 30 must be a multiple of world size 1 x --num_minibatches 1 x " \
            "--per_device_train_batch_size 16" in proc.stderr
-
-
-def test_tiny_defaults_apply_to_flags_not_given():
-    import tyro
-    args = tyro.cli(rebel_tldr.Args, args=["--tiny", "--lr", "0.5", "--dataset", "elsewhere"])
-    assert (args.lr, args.dataset) == (0.5, "elsewhere")  # given explicitly: kept
-    assert (args.batch_size, args.sft_model, args.lora_rank) == (32, "runs/tiny/sft", 8)  # the tiny defaults
-    assert tyro.cli(rebel_tldr.Args, args=[]).batch_size == 512  # the paper's
 
 
 def test_computed_fields_are_not_flags(capsys):
@@ -287,50 +301,47 @@ def test_computed_fields_are_not_flags(capsys):
     assert "num_updates" in dataclasses.asdict(tyro.cli(rebel_tldr.Args, args=[]))
 
 
+@pytest.mark.slow
 def test_tiny_assets_follow_their_paths(workdir, monkeypatch):
     """An earlier tiny run does not stop `--tiny --dataset DIR` from writing DIR, and the assets already there are
     not written again."""
+    import tiny
     monkeypatch.chdir(workdir)
-    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True))
+    tiny.write_tldr(rebel_tldr.Args(**rebel_tldr.TINY))
     written = {path: os.path.getmtime(path) for path in glob.glob("runs/tiny/*/*")}
-    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True, dataset="runs/tiny_other/tldr"))
+    tiny.write_tldr(rebel_tldr.Args(**{**rebel_tldr.TINY, "dataset": "runs/tiny_other/tldr"}))
     assert os.path.exists(f"{workdir}/runs/tiny_other/tldr/validation.jsonl")
     assert {path: os.path.getmtime(path) for path in glob.glob("runs/tiny/*/*")} == written
 
 
-def test_non_finite_steps_are_skipped_then_stop_the_run(workdir, tmp_path):
-    """A reward model that scores NaN: every optimizer step is skipped (the weights stay finite and unchanged) and
-    counted; the third in a row stops the run with an error naming the update, and the last checkpoint is kept."""
-    rebel_tldr.write_tiny_assets(rebel_tldr.Args(tiny=True, sft_model=f"{workdir}/runs/tiny/sft",
-                                                 reward_model=f"{workdir}/runs/tiny/reward",
-                                                 dataset=f"{workdir}/runs/tiny/tldr"))
+@pytest.mark.slow
+def test_a_non_finite_gradient_stops_the_run_before_its_step(workdir, tmp_path):
+    """A reward model that scores NaN: the first optimizer step would apply a NaN gradient; the run stops before it,
+    with an error naming the update, and saves nothing."""
+    write_tiny_assets(workdir)
     shutil.copytree(f"{workdir}/runs/tiny/reward", tmp_path / "nan_rm")
     with open(tmp_path / "nan_rm" / "config.json") as f:
         config = json.load(f)
     with open(tmp_path / "nan_rm" / "config.json", "w") as f:
         json.dump({**config, "bias": float("nan")}, f)
-    # 2 optimizer steps per update (2 epochs, 1 minibatch): update 1 skips 2, update 2 stops at its first
-    proc = run(workdir, "--exp_name", "nan", "--reward_model", str(tmp_path / "nan_rm"), "--num_epochs", "2",
-               "--total_episodes", "96", "--save_every", "1", "--eval_samples", "8", check=False)
+    proc = run(workdir, "--exp_name", "nan", "--reward_model", str(tmp_path / "nan_rm"), "--save_every", "1",
+               "--eval_samples", "8", check=False)
     assert proc.returncode != 0
-    assert "FloatingPointError: update 2: 3 optimizer steps in a row had a non-finite loss or gradient norm" \
-        in proc.stderr
+    assert "FloatingPointError: update 1: non-finite loss or gradient norm (nan)" in proc.stderr
     run_dir, metrics = metrics_of(workdir, "nan")
-    assert [m["update"] for m in metrics] == [0, 1] and metrics[1]["train/skipped_steps"] == 2
-    from safetensors.torch import load_file
-    with open(f"{run_dir}/checkpoint/state.json") as f:
-        assert json.load(f)["update"] == 1
-    weights = load_file(f"{run_dir}/checkpoint/model.safetensors")
-    assert weights and all(torch.isfinite(w).all() for w in weights.values())
-    assert all((w == 0).all() for k, w in weights.items() if "lora_B" in k)  # LoRA's initial B: nothing applied
+    assert [m["update"] for m in metrics] == [0] and not os.path.exists(f"{run_dir}/checkpoint")
+    assert not os.path.exists(f"{run_dir}/model")
 
 
+@pytest.mark.slow
 def test_minibatches_eval_temperature_and_track(workdir):
     """--num_minibatches 2 takes two optimizer steps per epoch; --eval_temperature 1.0 samples the evaluation at the
     training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy;
-    --track writes an offline wandb run with the metrics.jsonl keys."""
-    run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
-        "--per_device_train_batch_size", "4", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
+    --track writes an offline wandb run with the metrics.jsonl keys. A flag given with --tiny wins over TINY's value,
+    also when it equals the paper's default (--per_device_train_batch_size 8: TINY has 16)."""
+    proc = run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
+               "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
+    assert '"per_device_train_batch_size": 8,' in proc.stdout and '"gradient_accumulation_steps": 2,' in proc.stdout
     _, metrics = metrics_of(workdir, "minibatches")
     assert [m["update"] for m in metrics] == [0, 1, 2] and metrics[-1]["objective/kl"] != 0
     assert metrics[-1]["eval/kl_at_eval_temperature"] != metrics[-1]["eval/kl_at_train_temperature"]
@@ -341,6 +352,7 @@ def test_minibatches_eval_temperature_and_track(workdir):
         assert key in logged
 
 
+@pytest.mark.slow
 def test_eval_samples_below_the_world_size_are_rejected(workdir):
     proc = run(workdir, "--eval_samples", "1", torchrun=True, check=False)
     assert proc.returncode != 0
@@ -348,13 +360,11 @@ def test_eval_samples_below_the_world_size_are_rejected(workdir):
            "size 2" in proc.stderr
 
 
-@pytest.mark.parametrize("script", ["rebel_tldr", "ppo_tldr", "dpo_tldr", "rloo_tldr", "iterative_dpo_tldr"])
-def test_remote_code_needs_the_flag(tmp_path, script):
+def test_remote_code_needs_the_flag(tmp_path):
     """Checkpoints whose configs map to custom code (a policy, and a reward model in the sequence-classification
-    layout) run that code only with --trust_remote_code: the policy, pi_0 and the RM. Without it, a known
+    layout) run that code only with --trust_remote_code: the policy (and pi_0, its loader's) and the RM. Without it, a known
     architecture loads as the built-in class."""
     from transformers import GPTNeoXForSequenceClassification
-    module = importlib.import_module(script)
     rm_config = tiny_policy().config
     rm_config.num_labels = 1
     save_with_custom_code(tiny_policy(), tmp_path / "policy", "AutoModelForCausalLM")
@@ -362,10 +372,9 @@ def test_remote_code_needs_the_flag(tmp_path, script):
                           "AutoModelForSequenceClassification")
     for trust in [False, True]:
         args = SimpleNamespace(trust_remote_code=trust)
-        loaded = module.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
-        reference = module.frozen_copy(loaded, torch.float32, args, "cpu")
-        reward_model = module.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
-        assert [hasattr(m, "custom") for m in [loaded, reference, reward_model.scalar_head]] == [trust] * 3
+        loaded = rebel_tldr.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
+        reward_model = rebel_tldr.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
+        assert [hasattr(m, "custom") for m in [loaded, reward_model.scalar_head]] == [trust] * 2
 
 
 FSDP2_LOAD = """
@@ -385,7 +394,7 @@ reward_model = rebel_tldr.shard_from_rank0(reward_model, mp_policy, "cpu", rank)
 rm_growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 policy = rebel_tldr.load_policy(sys.argv[2], torch.float32, Args, "cpu", rank, mp_policy)
-ref_policy = rebel_tldr.frozen_copy(policy, torch.float32, Args, "cpu", mp_policy)
+ref_policy = rebel_tldr.load_policy(sys.argv[2], torch.float32, Args, "cpu", rank, mp_policy).requires_grad_(False)
 growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 options = StateDictOptions(full_state_dict=True, cpu_offload=True)
 states = [get_model_state_dict(m, options=options) for m in [policy, ref_policy]]
@@ -401,13 +410,15 @@ grads = {name: p.grad.full_tensor() for name, p in policy.named_parameters()}
 if rank == 0:
     torch.save([*states, scores, logprobs.detach(), grads], sys.argv[4])
 print(f"rank {rank} peak RSS growth {growth} {rm_growth}")
+dist.barrier()  # no rank tears down gloo while the other still reads its last gather
 dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
-    """Under FSDP2, the policy and its frozen copy pi_0 are loaded without any rank's peak RSS growing by a whole fp32
-    model plus a frozen copy (the old way: both whole on every rank), and the reward model without a whole copy on
+    """Under FSDP2, the policy and pi_0 are loaded without any rank's peak RSS growing by a whole fp32 model plus a
+    frozen copy (the old way: both whole on every rank), and the reward model without a whole copy on
     any rank but rank 0; the shards hold exactly the checkpoints, and the sharded RM scores as the whole one."""
     from safetensors.torch import save_file
     model = tiny_policy(vocab_size=384, layers=8, hidden=512)  # 25M parameters: 100 MB in fp32
@@ -444,3 +455,29 @@ def test_fsdp2_loading_never_holds_two_whole_models(tmp_path):
     reward_model = rebel_tldr.load_reward_model(str(tmp_path / "reward"), torch.float32, False).eval()
     with torch.no_grad():
         torch.testing.assert_close(scores, reward_model(ids, mask))
+
+
+@pytest.mark.slow
+def test_bad_input_fails_at_start_up_naming_the_flag_or_path(workdir, tmp_path):
+    """Each fails before any model loads ("Loading weights" is what from_pretrained prints) and leaves no run folder."""
+    write_tiny_assets(workdir)
+    shutil.copytree(f"{workdir}/runs/tiny/sft", tmp_path / "no_eos")
+    with open(tmp_path / "no_eos" / "tokenizer_config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "no_eos" / "tokenizer_config.json", "w") as f:
+        json.dump({**config, "eos_token": None}, f)
+    cases = [(["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be positive, got 0"),
+             (["--num_minibatches", "0"], "--num_minibatches must be positive, got 0"),
+             (["--rollout_batch_size", "0"], "--rollout_batch_size must be positive, got 0"),
+             (["--eval_every", "0"], "--eval_every must be positive, got 0"),
+             (["--eval_samples", "-3"], "--eval_samples must be at least 0, got -3"),
+             (["--eta", "0"], "--eta must be positive, got 0.0"), (["--eta", "-1"], "--eta must be positive, got -1.0"),
+             (["--sft_model", str(tmp_path / "no_eos")], "its tokenizer has no EOS token")]
+    tiny_paths = [f"--{k}={workdir}/{rebel_tldr.TINY[k]}" for k in ["sft_model", "reward_model", "dataset"]]
+    cases += [([*tiny_paths, f"--reward_model={tmp_path}/missing"],  # with --tiny, tiny.py would write it
+               f"--reward_model {tmp_path}/missing: no such local file or folder")]
+    for flags, message in cases:
+        proc = run(workdir, "--exp_name", "bad_input", *flags, check=False, tiny="missing" not in flags[-1])
+        assert proc.returncode != 0 and message in proc.stderr, (flags, proc.stderr[-2000:])
+        assert "Loading weights" not in proc.stderr, flags
+    assert not glob.glob(f"{workdir}/runs/tldr__bad_input__*")

@@ -44,25 +44,28 @@ def metrics_of(workdir, exp_name):
     return read_metrics(workdir, f"tldr__{exp_name}")
 
 
+@pytest.mark.slow
 def test_tiny_run_learns_and_saves(workdir):
     keys = {"update", "episode", "objective/scores", "objective/kl", "objective/rewards", "objective/eos_share",
-            "rloo/loss", "rloo/approxkl", "rloo/baseline", "policy/entropy", "train/skipped_steps", "lr",
+            "rloo/loss", "rloo/approxkl", "rloo/baseline", "policy/entropy", "train/grad_norm", "lr",
             "time/rollout_s", "time/update_s", "episodes_per_s", "memory/peak_gb"}
     _, metrics = assert_tiny_run_learns("rloo_tldr.py", workdir, "rloo_e2e", keys, 0.05)
     # one on-policy step per batch: the loss differentiates ln pi_t itself, the policy that sampled
     assert all(m["rloo/approxkl"] < 1e-8 for m in metrics[1:])
 
 
+@pytest.mark.slow
 def test_reinforce_resumes_with_the_same_metrics_and_baseline(workdir):
     """REINFORCE (--k 1), killed once its update-2 checkpoint exists and resumed from it, logs what the straight run
     logs: the running baseline travels in the checkpoint."""
-    straight, resumed = assert_resume_reproduces("rloo_tldr.py", workdir, "reinforce", "--k", "1")
+    straight, resumed, _ = assert_resume_reproduces("rloo_tldr.py", workdir, "reinforce", "--k", "1")
     # the baseline is the mean reward of all updates so far (a batch's mean reward is logged as objective/rewards)
     for t in range(1, 4):
         assert straight[t]["rloo/baseline"] == pytest.approx(
             sum(m["objective/rewards"] for m in straight[1: t + 1]) / t, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_four_samples(workdir):
     """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
     run(workdir, "--exp_name", "rloo_torchrun", "--k", "4", "--total_episodes", "64", "--eval_samples", "16",
@@ -74,10 +77,3 @@ def test_torchrun_two_processes_with_four_samples(workdir):
     assert metrics[-1]["eval/kl_at_eval_temperature"] == metrics[-1]["eval/kl_at_train_temperature"] != 0
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
-
-
-def test_indivisible_batch_sizes_are_rejected(workdir):
-    proc = run(workdir, "--batch_size", "30", "--per_device_train_batch_size", "16", check=False)
-    assert proc.returncode != 0
-    assert "--batch_size 30 must be a multiple of world size 1 x --num_minibatches 1 x " \
-           "--per_device_train_batch_size 16" in proc.stderr

@@ -381,8 +381,7 @@ def shard(model, mp_policy):
 
 def shard_from_rank0(model, mp_policy, device, rank):
     """FSDP2 without a whole model on any device, nor in host memory on any rank but rank 0: rank 0's `model` holds the
-    weights on the CPU, the other ranks' is on the meta device (no memory); every rank shards it, and rank 0
-    broadcasts the weights, each rank keeping its shard."""
+    weights on the CPU, the others' is on the meta device; every rank shards it and rank 0 broadcasts the weights."""
     state, buffers = (model.state_dict(), [b.clone() for b in model.buffers()]) if rank == 0 else ({}, [])
     shard(model, mp_policy)
     model.to_empty(device=device)
@@ -458,8 +457,8 @@ class SharedBottomReference(nn.Module):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends, so that a whole
-    `generate` costs one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends: a whole `generate` costs
+    one all-gather instead of one per token. Nothing happens to an unsharded model."""
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp_modules:
         m.set_reshard_after_forward(False)

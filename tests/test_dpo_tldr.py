@@ -97,8 +97,6 @@ def test_torchrun_two_processes(workdir):
     run_dir, metrics = metrics_of(workdir, "dpo_torchrun")
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["dpo/reward_margin"] != 0  # the policy moved away from pi_0 after the first update
-    # --eval_temperature 0.7, the training temperature: one KL (the default 0.01 would give two different ones)
-    assert metrics[-1]["eval/kl_at_eval_temperature"] == metrics[-1]["eval/kl_at_train_temperature"] != 0
     assert metrics[-1]["eval/dpo/pairs"] == 4  # the held-out preference pairs: --eval_pairs, not the whole split
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")

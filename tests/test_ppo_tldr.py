@@ -81,7 +81,5 @@ def test_torchrun_two_processes(workdir, mode):
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update
-    # --eval_temperature 0.7, the training temperature: one KL (the default 0.01 would give two different ones)
-    assert metrics[-1]["eval/kl_at_eval_temperature"] == metrics[-1]["eval/kl_at_train_temperature"] != 0
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")

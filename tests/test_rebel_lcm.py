@@ -4,7 +4,6 @@ tensors and scores in float32, bad flags and paths fail at start-up, a checkpoin
 refuses weights or settings that do not fit; and the script runs end to end on tiny models (single process and
 torchrun), raises the aesthetic score, saves LoRA weights that load with their alpha, resumes exactly (also a finished
 run, also after a kill between the checkpoint swap's renames), and stops before a step on a non-finite gradient."""
-import ast
 import dataclasses
 import glob
 import json
@@ -19,7 +18,7 @@ from safetensors.torch import load_file
 
 import rebel_lcm
 import tiny
-from conftest import ROOT, checkpoint_update, read_metrics, run_script
+from conftest import checkpoint_update, read_metrics, run_script
 
 
 @pytest.fixture(scope="session")
@@ -188,18 +187,6 @@ def test_bad_flags_and_paths_are_named(flags, message, tmp_path, monkeypatch):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         rebel_lcm.check_args(rebel_lcm.Args(**flags))
     rebel_lcm.check_args(rebel_lcm.Args())  # the paper's settings pass (its models are hub IDs)
-
-
-def test_the_shared_skeleton_is_rebel_tldrs():
-    """The parts every script shares are the same words here as in rebel_tldr.py."""
-    def definitions(script):
-        with open(f"{ROOT}/{script}.py") as f:
-            source = f.read()
-        return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
-                if isinstance(node, ast.FunctionDef)}
-    reference, lcm = definitions("rebel_tldr"), definitions("rebel_lcm")
-    for name in ["new_run_dir", "find_checkpoint", "mean_over_ranks", "rebel_loss"]:
-        assert lcm[name] == reference[name], name
 
 
 def tiny_checkpoint(path, update, model, args, buffers):

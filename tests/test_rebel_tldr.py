@@ -184,6 +184,9 @@ def test_torchrun_two_processes(workdir, mode):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
     final = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft").state_dict()
+    assert not torch.equal(final["gpt_neox.layers.0.attention.query_key_value.weight"],
+                           sft["gpt_neox.layers.0.attention.query_key_value.weight"])  # trained, gathered, saved
     if not mode:  # LoRA: every rank reads the small checkpoint, as the single-process resume test does
         return
     # resuming from the checkpoint of the last update: rank 0 reads it and broadcasts each rank's part, nothing is

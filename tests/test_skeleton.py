@@ -40,6 +40,16 @@ def test_the_skeleton_is_the_same_in_every_tldr_script(script):
             assert copy.get(name) == reference[name], f"{script}.{name} differs from rebel_tldr.{name}"
 
 
+@pytest.mark.parametrize("script, names", [
+    ("rebel_chat", ["pad", "shard", "shard_from_rank0", "gathered", "new_run_dir", "find_checkpoint", "save_checkpoint",
+                    "load_checkpoint", "mean_over_ranks"]),
+    ("rebel_lcm", ["new_run_dir", "find_checkpoint", "mean_over_ranks", "rebel_loss"])])
+def test_chat_and_lcm_share_the_skeletons_words(script, names):
+    reference, copy = definitions("rebel_tldr"), definitions(script)
+    for name in names:
+        assert copy[name] == reference[name], f"{script}.{name} differs from rebel_tldr.{name}"
+
+
 def tiny_checkpoint(tmp_path, update, policy, args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1)
     policy(torch.ones(1, 3)).sum().backward()

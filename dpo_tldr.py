@@ -337,7 +337,10 @@ def gathered(model):
 
 
 def load_prompts(args, tokenizer, split, rank):
-    dataset = load_dataset(args.dataset, split=split)
+    try:
+        dataset = load_dataset(args.dataset, split=split)
+    except StopIteration:  # what datasets raises for an empty data file
+        raise ValueError(f"--dataset {args.dataset}: the {split} split is empty") from None
     if missing := {"query", "reference_response"} - set(dataset.column_names):
         raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")
@@ -360,7 +363,10 @@ def load_prompts(args, tokenizer, split, rank):
 
 
 def load_preferences(args, tokenizer, split, rank):
-    dataset = load_dataset(args.preference_dataset, split=split)
+    try:
+        dataset = load_dataset(args.preference_dataset, split=split)
+    except StopIteration:  # what datasets raises for an empty data file
+        raise ValueError(f"--preference_dataset {args.preference_dataset}: the {split} split is empty") from None
     if missing := {"query", "chosen", "rejected"} - set(dataset.column_names):
         raise ValueError(f"dataset {args.preference_dataset} ({split}) lacks column(s) {sorted(missing)}; "
                          f"found {dataset.column_names}")

@@ -466,3 +466,14 @@ def test_torchrun_two_processes(workdir, mode):
     AutoModelForCausalLM.from_pretrained(f"{run_dir}/model")
     assert GenerationConfig.from_pretrained(f"{run_dir}/model").eos_token_id == 1  # the SFT model's end-of-turn
 
+
+
+def test_bad_flags_are_named_and_meaningful_zeros_pass():
+    with pytest.raises(ValueError, match=r"--eta must be positive, got \(1.0, 0.0\)"):
+        rebel_chat.check_args(rebel_chat.Args(eta=(1.0, 0.0)))
+    with pytest.raises(ValueError, match="--per_device_train_batch_size must be positive, got 0"):
+        rebel_chat.check_args(rebel_chat.Args(per_device_train_batch_size=0))
+    with pytest.raises(FileNotFoundError, match="--reward_model /no/such/rm: no such local file or folder"):
+        rebel_chat.check_args(rebel_chat.Args(reward_model="/no/such/rm"))
+    # 0 means the whole split, the whole batch, no KL term, all layers trained (Section 5.2.1)
+    rebel_chat.check_args(rebel_chat.Args(batch_size=0, minibatch_size=0, kl_coef=0.0, num_layers_unfrozen=0))

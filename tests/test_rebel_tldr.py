@@ -269,6 +269,19 @@ def test_missing_column_is_named(tmp_path):
         rebel_tldr.load_prompts(args, ByT5Tokenizer(), "train", 0)
 
 
+def test_an_empty_split_is_named(tmp_path):
+    from transformers import ByT5Tokenizer
+    write_jsonl(tmp_path / "data", [])
+    args = DataArgs()
+    args.dataset = str(tmp_path / "data")
+    with pytest.raises(ValueError, match=f"--dataset {args.dataset}: the train split is empty"):
+        rebel_tldr.load_prompts(args, ByT5Tokenizer(), "train", 0)
+    write_jsonl(tmp_path / "long", [{"query": "x" * 61, "reference_response": " y"}])  # emptied by the length filter
+    args.dataset = str(tmp_path / "long")
+    with pytest.raises(ValueError, match="no train prompt of at most --query_length 60 tokens"):
+        rebel_tldr.load_prompts(args, ByT5Tokenizer(), "train", 0)
+
+
 def test_long_prompts_are_dropped_and_counted(tmp_path, capsys):
     from transformers import ByT5Tokenizer
     write_jsonl(tmp_path / "data", [{"query": "x" * n, "reference_response": " y"} for n in [10, 60, 61, 200]])

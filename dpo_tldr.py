@@ -436,10 +436,9 @@ def find_checkpoint(path, args):
 
 
 def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, rank, **extra):
-    """The trainable weights (safetensors) and one dict: the update index (whence the learning rate and the data
-    position), the arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state);
-    gathered on rank 0's CPU, which writes.
-    The new checkpoint is whole before the old one goes: at any instant, `path` or `path`.old holds a whole one."""
+    """The trainable weights (safetensors) and one dict: the update index (whence the lr and the data position), the
+    arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state), written by rank
+    0. The new checkpoint is whole before the old one goes: at any instant `path` or `path`.old holds a whole one."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}

@@ -59,9 +59,8 @@ class Args:
     sft_model: str = "openchat/openchat_3.5"
     """the chat policy; pi_0 and the initial pi_t. Its chat template formats the prompts"""
     reward_model: str = "sfairXC/FsfairX-LLaMA3-RM-v0.1"
-    """the RM, with its own tokenizer and chat template: an AutoModelForSequenceClassification checkpoint, or ArmoRM
-    (RLHFlow/ArmoRM-Llama3-8B-v0.1, Section 5.2.1), recognised by its config and run without its remote code. The
-    paper's Starling-RM-7B-alpha is a raw state dict for a custom head, not supported: this Llama-3 RM stands in"""
+    """the RM, with its own tokenizer and template: a sequence classifier, or ArmoRM (Section 5.2.1). The paper's
+    Starling-RM-7B-alpha is a raw state dict for a custom head: this Llama-3 RM stands in"""
     dataset: str = "HuggingFaceH4/ultrafeedback_binarized"
     """prompts: a text column `prompt`, one user turn (UltraFeedback) or a 'Human: ... Assistant:' chat (Nectar)"""
     train_split: str = "train_prefs"
@@ -77,19 +76,16 @@ class Args:
     num_samples: int = 2
     """N responses per prompt from pi_t; N = 2 gives the pair, N > 2 pairs the best with the worst (Section 5.2.1)"""
     temperature: float = 0.5
-    """sampling temperature, no top-p or top-k, so that the log-probs (at the same temperature) are the sampler's. The
-    released code's 0.5 (Nectar and UltraFeedback runs; the paper gives none); its Section 5.2.1 runs used 0.8"""
+    """sampling temperature (no top-p/top-k: log-probs are the sampler's), the released code's 0.5; 0.8 in §5.2.1"""
     eval_temperature: float = 0.01
     """near-greedy sampling for evaluation, as in the released code"""
     penalty_reward_value: float = -4.0
     """Gamma: the score of a response without end-of-turn within `max_new_tokens` (App. H.2.3)"""
     drop_truncated: bool = False
-    """remove the pairs with a response that never ends its turn from the regression instead (Gamma still ranks it
-    for best/worst), as the released Section 5.2.1 code drops prompts with over-long responses: with eta = 1e6, a pair
-    scored Gamma = -4 has a target (~4e6) that dominates the loss"""
+    """leave pairs with a response that never ends its turn out of the regression, as the released Section 5.2.1 code
+    does: with eta = 1e6 a Gamma-scored pair's target (~4e6) would dominate the loss"""
     kl_coef: float = 0.05
-    """gamma: r = RM(x, y) - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); 0.05 in Section 5.2, 0 in Section 5.2.1,
-    where pi_0 is then neither loaded nor run, and no KL is logged"""
+    """gamma: r = RM(x, y) - gamma (ln pi_t(y|x) - ln pi_0(y|x)) (Eq. 23); Section 5.2.1's 0 loads no pi_0 at all"""
 
     # REBEL (Algorithm 1, App. H.2.4)
     eta: tuple[float, ...] = (1.0,)
@@ -103,8 +99,7 @@ class Args:
     minibatch_size: int = 0
     """pairs per optimizer step across all ranks; 0 for the whole batch (Section 5.2), 128 in Section 5.2.1"""
     per_device_train_batch_size: int = 2
-    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch); also the micro-batch
-    (times N responses) of the no-grad passes that score the samples"""
+    """pairs per forward/backward on one device (gradient accumulation makes up the minibatch), also per no-grad pass"""
     rollout_batch_size: int = 4
     """prompts per generate call on one device; all N responses come from one call"""
     lr: float = 1e-7
@@ -120,8 +115,7 @@ class Args:
     weight_decay: float = 1e-6
     """AdamW weight decay: the released code's"""
     num_layers_unfrozen: int = 4
-    """train only the last K decoder layers (and the head), with a shared-bottom reference (App. H.2.2: 4 for OpenChat);
-    0 trains all parameters (Llama-3-8B), sharded with FSDP2 under torchrun"""
+    """train the last K decoder layers and the head (App. H.2.2: 4 for OpenChat); 0 trains all (FSDP2 under torchrun)"""
     gradient_checkpointing: bool = False
     """recompute each layer's activations in the backward pass: less memory for full-parameter runs, more time"""
 
@@ -189,9 +183,8 @@ def first_eos(responses, eos_ids):
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
-    """`num_samples` responses per prompt in one batched call with the KV cache, each stopping at its first end-of-turn
-    token (later positions hold padding). Under FSDP2 every rank steps until all ranks are done (synced_gpus), since
-    the all-gathers need the same number of forward passes on every rank, whatever the response lengths."""
+    """`num_samples` responses per prompt in one batched call, each ending at its first end-of-turn token. Under FSDP2
+    every rank steps until all are done (synced_gpus): the all-gathers need as many forward passes on every rank."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -207,11 +200,9 @@ def token_logprobs(logits, tokens, temperature):
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperature, with_entropy=False):
-    """ln pi(y_h | x, y_<h) of every response token at the sampling temperature (B, T), and the per-token entropy if
-    asked, from one forward pass. Positions count real tokens only, as in generate(), so that the padding of a batch
-    does not change the result. The LM head runs at the response positions only (`logits_to_keep`), and the fp32
-    log-softmax one sequence at a time, recomputed in the backward pass (`checkpoint`), so that no fp32 copy of the
-    whole [B x T x vocabulary] logits is ever made or kept."""
+    """ln pi(y_h | x, y_<h) of every response token (B, T), and the entropy if asked, from one forward pass. The LM
+    head runs at the response positions only, and the fp32 log-softmax one sequence at a time, recomputed in the
+    backward pass: no fp32 [B x T x vocabulary] logits exist. Positions count real tokens only, as generate() does."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=query_responses, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
@@ -226,9 +217,8 @@ def response_logprobs(model, query_responses, attention_mask, context_length, te
 
 
 def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, device):
-    """Sequence log-probs ln pi_t(y|x) of the responses and their KL term ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0;
-    the shared-bottom pi_0 reuses the policy's pass), in no-grad passes over micro-batches of `micro_batch`
-    responses."""
+    """ln pi_t(y|x) of the responses and ln pi_t(y|x) - ln pi_0(y|x) (0 without pi_0), in no-grad micro-batches; the
+    shared-bottom pi_0 reuses the policy's pass."""
     logprobs, kl = [], []
     for rows in [slice(i, i + micro_batch) for i in range(0, len(responses), micro_batch)]:
         query_responses, attention_mask, context_length, response_mask = pack(queries[rows], responses[rows],
@@ -242,13 +232,10 @@ def sequence_logprobs(model, ref_policy, queries, responses, micro_batch, args, 
 
 
 def sample_and_score(model, ref_policy, reward_model, tokenizer, batch, num_samples, sample_temperature, args, device):
-    """Responses to a batch of prompts sampled at `sample_temperature`, and what REBEL needs of them: token lists cut
-    after the first end-of-turn; RM scores of the decoded text, Gamma for a response that never ends its turn (App.
-    H.2.3); and, when there is a pi_0 (gamma > 0), every response's sequence log-prob under pi_t and its KL term
-    ln pi_t - ln pi_0, at the training temperature on purpose (the regression's ln pi_t is that of the policy being
-    trained; evaluation's KL too), in no-grad passes over micro-batches of `per_device_train_batch_size` prompts'
-    responses. Without pi_0 the rewards need no log-probs: the caller computes pi_t's for the pairs' responses only.
-    Also the seconds spent generating, on the RM and on log-probs."""
+    """Responses sampled at `sample_temperature`, cut after the first end-of-turn; the RM scores of their text, Gamma
+    without end-of-turn (App. H.2.3); with a pi_0 (gamma > 0), every response's ln pi_t and KL term at the training
+    temperature (the regression's ln pi_t is the trained policy's); without, the caller computes ln pi_t for the pairs
+    only. Also the seconds spent generating, on the RM and on log-probs."""
     tic = time.time()
     queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
     responses = generate(model, queries, query_mask, num_samples, args, sample_temperature)
@@ -286,9 +273,8 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta):
 
 
 def learning_rate(args, update, step):
-    """The lr of optimizer step `step` (from 0) of iteration `update` (from 1): linear decay to 0 over the run
-    (App. H.2.4, OpenChat), or cosine decay after a linear warmup within each iteration (App. H.2.4, Llama-3: each of
-    the 3 iterations is one epoch over the whole dataset, a fresh regression problem as in Algorithm 1)."""
+    """The lr of step `step` (from 0) of iteration `update` (from 1), App. H.2.4: linear decay to 0 over the run, or a
+    cosine after a warmup within each iteration (each a fresh regression problem of Algorithm 1)."""
     steps = args.num_epochs * args.num_minibatches
     if args.lr_schedule == "linear":
         return args.lr * (1.0 - ((update - 1) * steps + step) / (args.num_updates * steps))
@@ -302,11 +288,8 @@ def learning_rate(args, update, step):
 
 
 class ArmoRewardModel(LlamaPreTrainedModel):
-    """ArmoRM (RLHFlow/ArmoRM-Llama3-8B-v0.1, the RM of Section 5.2.1) in its checkpoint's layout, without its remote
-    code (which imports a name that transformers 5 removed): a Llama backbone; `regression_layer`, 19 objectives read
-    at the conversation's last token; `gating`, an MLP over the hidden state where the prompt ends (the last
-    '<|eot_id|>' before an assistant header) with a softmax at `gating_temperature`, times `logit_scale`; and
-    score = gating weights . (objectives @ reward_transform_matrix)."""
+    """ArmoRM (Section 5.2.1's RM) in its checkpoint's layout, without its remote code (which transformers 5 breaks):
+    score = gating(hidden where the prompt ends) . (regression_layer(last hidden) @ reward_transform_matrix)."""
     gating_text = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
     def __init__(self, config):
@@ -332,11 +315,8 @@ class ArmoRewardModel(LlamaPreTrainedModel):
 
 
 class ChatRewardModel(nn.Module):
-    """RM(x, y) of conversations [prompt turns..., assistant response], each rendered as text with the RM's own chat
-    template and tokenized with the RM's own tokenizer: the policy's template and vocabulary may differ (Section 5.2
-    pairs OpenChat-3.5 with a Llama-2-based RM), so token ids are never spliced across tokenizers. Run in batches,
-    right-padded: a sequence classifier's linear `score` head is read at each conversation's last token (no pad-token
-    convention needed); ArmoRM also gets the position where the prompt ends."""
+    """RM(x, y) of conversations rendered as text with the RM's own template and tokenizer (the policy's may differ:
+    token ids are never spliced across tokenizers), right-padded, the head read at each conversation's last token."""
 
     def __init__(self, model, tokenizer):
         super().__init__()
@@ -394,9 +374,8 @@ def shard_from_rank0(model, mp_policy, device, rank):
 
 
 def load_policy(name, dtype, args, device, rank, mp_policy=None):
-    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy` (full-parameter training under
-    torchrun), read by rank 0 alone and sharded (shard_from_rank0), and rank 0 broadcasts its generation config too
-    (the end-of-turn tokens of generation_config.json, which a model built from config.json lacks)."""
+    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy`, read by rank 0 alone and sharded, with
+    rank 0's generation config (its end-of-turn tokens, which a model built from config.json lacks)."""
     if mp_policy is None:
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code).to(device)
     if rank == 0:
@@ -412,9 +391,8 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
 
 
 def enable_gradient_checkpointing(model):
-    """Recompute each decoder layer's activations in the backward pass. Transformers does it only in training mode:
-    that is set on the layers alone, so that the dropout modules inside them stay off (eval mode). No gradient is sent
-    down into a frozen bottom (--num_layers_unfrozen K > 0): non-reentrant checkpointing needs none."""
+    """Transformers recomputes activations in training mode only: set on the layers alone, so that dropout stays off.
+    Non-reentrant checkpointing needs no gradient sent into a frozen bottom."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
     for layer in model.modules():
@@ -423,11 +401,9 @@ def enable_gradient_checkpointing(model):
 
 
 class SharedBottomReference(nn.Module):
-    """pi_0 when only the top K of L decoder layers are trained (App. H.2.2): the embeddings and the bottom L-K layers
-    stay frozen, so pi_0's hidden state entering layer L-K is the policy's own. Only a frozen copy of the top K layers,
-    the final norm and the head is kept, no second full model, and it runs on that hidden state, which a hook saves on
-    every policy forward: call it right after the policy's forward on the same batch. Llama-family layout
-    (`model.layers`, `model.norm`, `lm_head`: Llama, Mistral/OpenChat, Qwen2)."""
+    """pi_0 when only the top K of L layers train (App. H.2.2): the frozen bottom gives pi_0 the policy's own hidden
+    state entering layer L-K (saved by a hook), so only a frozen copy of the top K layers, the norm and the head is
+    kept. Call it right after the policy's forward on the same batch. Llama-family layout (Llama, Mistral, Qwen2)."""
 
     def __init__(self, policy, num_layers_unfrozen, dtype):
         super().__init__()
@@ -544,10 +520,9 @@ def find_checkpoint(path, args):
 
 
 def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, rank, **extra):
-    """The trainable weights (safetensors) and one dict: the update index (whence the learning rate and the data
-    position), the arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state);
-    gathered on rank 0's CPU, which writes.
-    The new checkpoint is whole before the old one goes: at any instant, `path` or `path`.old holds a whole one."""
+    """The trainable weights (safetensors) and one dict: the update index (whence the lr and the data position), the
+    arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state), written by rank
+    0. The new checkpoint is whole before the old one goes: at any instant `path` or `path`.old holds a whole one."""
     model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
     rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
@@ -600,9 +575,8 @@ def mean_over_ranks(metrics):
 
 
 def evaluate(policy, ref_policy, reward_model, tokenizer, dataset, args, device, autocast):
-    """Near-greedy answers to the held-out prompts: RM score (Gamma without end-of-turn, as in training),
-    KL(pi || pi_0) (when pi_0 is loaded), end-of-turn share, response length, and the sample table. Prompts are split
-    evenly over ranks."""
+    """Near-greedy answers to the held-out prompts (split over ranks): RM score (Gamma without end-of-turn), KL to pi_0
+    (if loaded), end-of-turn share, response length, and the sample table."""
     rows, values = [], []  # values: {metric: one per sample} per batch
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):
@@ -746,8 +720,8 @@ if __name__ == "__main__":
             with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
                 csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
             with open(f"{run_dir}/alpaca_eval_update{metrics['update']}.json", "w") as f:  # AlpacaEval's model_outputs
-                json.dump([dict(instruction=r["prompt"], output=r["response"], generator=os.path.basename(run_dir)) for r in rows], f,
-                          indent=1)
+                json.dump([dict(instruction=r["prompt"], output=r["response"], generator=os.path.basename(run_dir))
+                           for r in rows], f, indent=1)
         if args.track:
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
@@ -874,7 +848,8 @@ if __name__ == "__main__":
             "policy/entropy": stats["entropy"][0][ran[0]].mean(),
             "rebel/loss_first_epoch": stats["loss"][0].sum(-1)[ran[0]].mean(),
             "rebel/loss_last_epoch": stats["loss"][-1].sum(-1)[ran[-1]].mean(),
-            "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"], "train/grad_norm": grad_norms[ran].mean()}),
+            "perf/tokens_per_s": rollout["lengths"].sum() / seconds["generate"],
+            "train/grad_norm": grad_norms[ran].mean()}),
             "lr": optimizer.param_groups[0]["lr"], "eta": eta,
             "time/rollout_s": rollout_time, "time/generate_s": seconds["generate"],
             "time/logprobs_s": seconds["logprobs"], "time/reward_s": seconds["reward"], "time/update_s": update_time,

@@ -51,8 +51,7 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     tiny: bool = False
-    """tiny random models and synthetic data (tiny.py, written to runs/tiny/ where missing), on CPU in about a minute:
-    TINY's values (below Args) become the defaults; flags given still win"""
+    """tiny models and data (tiny.py, in runs/tiny/), CPU, ~1 minute: TINY's values become defaults, given flags win"""
 
     # models and data (App. H.1.1-H.1.2); a hub ID or a local path
     sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
@@ -149,9 +148,8 @@ def pad(sequences, pad_id, device, left=True):
 
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
-    """`num_samples` responses per prompt in one batched call, padded to `response_length` tokens. generate writes
-    padding after a response's first EOS and stops once every response has ended; under FSDP2 every rank steps until
-    all ranks are done (synced_gpus), since the all-gathers need as many forward passes on every rank."""
+    """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
+    until all are done (synced_gpus): the all-gathers need as many forward passes on every rank."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
@@ -175,12 +173,11 @@ def token_logprobs(logits, tokens, temperatures):
 
 
 def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
-    """ln pi(y_h | x, y_<h) of every response token at each of `temperatures` (k, B, T), and with `with_entropy` the
-    per-token entropy at the first, from one forward pass. The LM head runs at the response positions only, and the
-    fp32 log-softmax one sequence at a time, recomputed in the backward pass, so that no fp32 [B x T x vocabulary]
-    logits exist. Positions count real tokens only, as generate() does: left padding changes nothing."""
+    """ln pi(y_h | x, y_<h) of every response token at each of `temperatures` (k, B, T), and the entropy at the first
+    if asked, from one forward pass. The LM head runs at the response positions only, the fp32 log-softmax one sequence
+    at a time, recomputed in the backward pass: no fp32 [B x T x vocabulary] logits exist."""
     logits = model(input_ids=query_responses, attention_mask=attention_mask,
-                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # real tokens only, as in generate()
                    logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
                                                device=query_responses.device)).logits
     logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
@@ -503,9 +500,8 @@ def mean_over_ranks(metrics):
 
 
 def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
-    """Near-greedy summaries of the validation prompts: RM score (Gamma without EOS), KL(pi || pi_0) at the evaluation
-    temperature (Table 1's KL) and at the training one, win rate against the human reference by RM score, EOS share,
-    and the sample table. Prompts are split evenly over ranks."""
+    """Near-greedy summaries of the validation prompts (split over ranks): RM score, Table 1's KL (at the evaluation
+    temperature) and the training one's, win rate against the reference by RM score, EOS share, the sample table."""
     rows, values = [], []  # values: {metric: one per sample} per batch
     with torch.no_grad(), gathered(policy), autocast:
         for i in range(0, len(dataset), args.rollout_batch_size):

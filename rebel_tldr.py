@@ -417,8 +417,8 @@ def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
     sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
     state = torch.load(f"{path}/state.pt", mmap=True, weights_only=True)
     model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
-    trainable = set(get_model_state_dict(policy, options=StateDictOptions(ignore_frozen_params=True)))
-    if model_state and set(model_state) != trainable:
+    if model_state and set(model_state) != (trainable := set(get_model_state_dict(
+            policy, options=StateDictOptions(ignore_frozen_params=True)))):
         raise ValueError(f"{path}/model.safetensors holds {len(set(model_state) - trainable)} weights this model does "
                          f"not train and lacks {len(trainable - set(model_state))} that it does")
     # strict=False: the checkpoint holds the trainable weights only (checked above)

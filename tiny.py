@@ -42,6 +42,9 @@ def write_tldr(args):
                     query = f"SUBREDDIT: r/{g.choice(words)}\n\nTITLE: {g.choice(words)}?\n\nPOST: {post}\n\nTL;DR:"
                     summary = " " + " ".join(g.choice(words) for _ in range(g.randint(1, 3))) + tokenizer.eos_token
                     f.write(json.dumps({"query": query, "reference_response": summary}) + "\n")
+    if os.path.exists(f"{args.sft_model}/tokenizer_config.json") and os.path.exists(
+            f"{args.reward_model}/tokenizer_config.json"):
+        return
     config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=256, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -143,6 +146,9 @@ def write_chat(args):
                     f.write(json.dumps({"prompt": prompt, "prompt_id": f"{split}{i}"} | {
                         k: [{"role": "user", "content": prompt}, {"role": "assistant", "content": a}]
                         for k, a in zip(["chosen", "rejected"], answers)}) + "\n")
+    if os.path.exists(f"{args.sft_model}/tokenizer_config.json") and os.path.exists(
+            f"{args.reward_model}/tokenizer_config.json"):
+        return
     chats = list(load_dataset(args.dataset, split="train_prefs")["chosen"])
     if not os.path.exists(f"{args.sft_model}/tokenizer_config.json"):
         config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

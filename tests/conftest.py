@@ -118,11 +118,21 @@ def checkpoint_update(checkpoint):
     return torch.load(f"{checkpoint}/state.pt", weights_only=True)["update"]
 
 
+def leave_as_killed_mid_swap(checkpoint):
+    """The run folder of CHECKPOINT as a kill between the checkpoint swap's two renames leaves it (the checkpoint moved
+    to checkpoint.old, a torn checkpoint.tmp), with a torn last line in metrics.jsonl (a kill while logging)."""
+    os.rename(checkpoint, f"{checkpoint}.old")
+    os.makedirs(f"{checkpoint}.tmp")
+    with open(f"{checkpoint}.tmp/model.safetensors", "wb") as f:
+        f.write(b"torn")
+    with open(f"{os.path.dirname(checkpoint)}/metrics.jsonl", "a") as f:
+        f.write('{"update": 1000, "objective/sco')
+
+
 def assert_resume_reproduces(script, workdir, name, *flags):
     """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint
-    exists, leave the folders as a kill between the checkpoint swap's two renames leaves them (the checkpoint moved to
-    checkpoint.old, a torn checkpoint.tmp) and a torn last line in metrics.jsonl, and resume from it: the resumed run
-    logs the same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
+    exists, leave it as a kill mid-swap would (leave_as_killed_mid_swap) and resume from it: the resumed run logs the
+    same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
     flags = ["--total_episodes", "96", "--eval_every", "2", "--eval_samples", "16", *flags]
     run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
     process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)
@@ -135,12 +145,7 @@ def assert_resume_reproduces(script, workdir, name, *flags):
     finished(process, out, err)
     (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint")
     assert checkpoint_update(checkpoint) == 2
-    os.rename(checkpoint, f"{checkpoint}.old")
-    os.makedirs(f"{checkpoint}.tmp")
-    with open(f"{checkpoint}.tmp/model.safetensors", "wb") as f:
-        f.write(b"torn")
-    with open(f"{os.path.dirname(checkpoint)}/metrics.jsonl", "a") as f:
-        f.write('{"update": 3, "objective/sco')
+    leave_as_killed_mid_swap(checkpoint)
     proc = run_script(script, workdir, "--exp_name", f"{name}_killed", "--resume_from", checkpoint, *flags)
     assert f"resuming from {checkpoint}.old" in proc.stdout
     _, straight = read_metrics(workdir, f"tldr__{name}_straight")
@@ -178,3 +183,30 @@ def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run of a script (tiny models) or a torchrun launch; "
                                        "`-m 'not slow'` runs the specification alone")
+
+
+def save_killed_at(save, module, kill_at, monkeypatch):
+    """Call `save()` with MODULE's file operations (os.rename, shutil.rmtree, save_file, torch.save) raising at the
+    call after the first `kill_at`, where a kill would stop a checkpoint write; returns whether it was stopped."""
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def killing(function):
+        def wrapped(*args, **kwargs):
+            calls.append(function)
+            if len(calls) > kill_at:
+                raise Killed
+            return function(*args, **kwargs)
+        return wrapped
+
+    with monkeypatch.context() as patch:
+        for owner, name in [(module.os, "rename"), (module.shutil, "rmtree"), (module, "save_file"),
+                            (module.torch, "save")]:
+            patch.setattr(owner, name, killing(getattr(owner, name)))
+        try:
+            save()
+        except Killed:
+            return True
+    return False

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import rebel_lcm
 import tiny
-from conftest import checkpoint_update, read_metrics, run_script
+from conftest import checkpoint_update, leave_as_killed_mid_swap, read_metrics, run_script, save_killed_at
 
 
 @pytest.fixture(scope="session")
@@ -200,10 +200,6 @@ def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp
     """save_checkpoint killed before each of its file operations (by an exception there): the checkpoint found
     afterwards is whole, the previous update's or the new one's, with that update's weights and reward buffers."""
     args = rebel_lcm.Args()
-
-    class Killed(Exception):
-        pass
-
     outcomes = []
     for kill_at in range(10):
         path = str(tmp_path / str(kill_at) / "checkpoint")
@@ -211,24 +207,8 @@ def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp
         model = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2)})
         tiny_checkpoint(path, 1, model, args, {"cat": [1.0]})
         weights = {1: model["lora_A"].weight.detach().clone()}
-        calls = []
-
-        def killing(function):
-            def wrapped(*a, **k):
-                calls.append(function)
-                if len(calls) > kill_at:
-                    raise Killed
-                return function(*a, **k)
-            return wrapped
-
-        with monkeypatch.context() as patch:
-            for module, name in [(rebel_lcm.os, "rename"), (rebel_lcm.shutil, "rmtree"), (rebel_lcm, "save_file"),
-                                 (rebel_lcm.torch, "save")]:
-                patch.setattr(module, name, killing(getattr(module, name)))
-            try:
-                tiny_checkpoint(path, 2, model, args, {"cat": [1.0, 2.0]})
-            except Killed:
-                pass
+        save_killed_at(lambda: tiny_checkpoint(path, 2, model, args, {"cat": [1.0, 2.0]}), rebel_lcm, kill_at,
+                       monkeypatch)
         weights[2] = model["lora_A"].weight.detach().clone()
         found = rebel_lcm.find_checkpoint(path, args)
         loaded = torch.nn.ModuleDict({"lora_A": torch.nn.Linear(3, 2)})
@@ -319,12 +299,7 @@ def test_resume_continues_the_run_exactly(workdir):
     run(workdir, "--exp_name", "resumed", "--num_epochs", "1", "--save_every", "5")
     (checkpoint,) = glob.glob(f"{workdir}/runs/lcm__resumed__*/checkpoint")
     assert checkpoint_update(checkpoint) == 5
-    os.rename(checkpoint, f"{checkpoint}.old")
-    os.makedirs(f"{checkpoint}.tmp")
-    with open(f"{checkpoint}.tmp/model.safetensors", "wb") as f:
-        f.write(b"torn")
-    with open(f"{os.path.dirname(checkpoint)}/metrics.jsonl", "a") as f:
-        f.write('{"update": 6, "objective/sco')
+    leave_as_killed_mid_swap(checkpoint)
     run(workdir, "--exp_name", "resumed", "--num_epochs", "2", "--resume_from", checkpoint)
     _, resumed = metrics_of(workdir, "resumed")
     if not glob.glob(f"{workdir}/runs/lcm__e2e__*"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rebel_tldr
-from conftest import ROOT
+from conftest import ROOT, save_killed_at
 
 TLDR_SCRIPTS = ["rebel_tldr", "ppo_tldr", "dpo_tldr", "rloo_tldr", "iterative_dpo_tldr"]
 # the shared skeleton: defined once per script, in the same words everywhere; what a script changes is its algorithm
@@ -62,10 +62,6 @@ def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp
     """save_checkpoint killed before each of its file operations (by an exception there): the checkpoint found
     afterwards is whole, the previous update's or the new one's, with that update's weights."""
     args = rebel_tldr.Args()
-
-    class Killed(Exception):
-        pass
-
     outcomes = []
     for kill_at in range(10):
         folder = tmp_path / str(kill_at)
@@ -73,31 +69,14 @@ def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp
         policy = torch.nn.Linear(3, 2)
         tiny_checkpoint(folder, 1, policy, args)
         weights = {1: policy.weight.detach().clone()}
-        calls = []
-
-        def killing(function):
-            def wrapped(*a, **k):
-                calls.append(function)
-                if len(calls) > kill_at:
-                    raise Killed
-                return function(*a, **k)
-            return wrapped
-
-        with monkeypatch.context() as patch:
-            for module, name in [(rebel_tldr.os, "rename"), (rebel_tldr.shutil, "rmtree"), (rebel_tldr, "save_file"),
-                                 (rebel_tldr.torch, "save")]:
-                patch.setattr(module, name, killing(getattr(module, name)))
-            try:
-                tiny_checkpoint(folder, 2, policy, args)
-            except Killed:
-                pass
+        killed = save_killed_at(lambda: tiny_checkpoint(folder, 2, policy, args), rebel_tldr, kill_at, monkeypatch)
         weights[2] = policy.weight.detach().clone()
         found = rebel_tldr.find_checkpoint(str(folder / "checkpoint"), args)
         loaded = torch.nn.Linear(3, 2)
         update = rebel_tldr.load_checkpoint(found, loaded, torch.optim.AdamW(loaded.parameters()), torch.Generator(),
                                             0)["update"]
         torch.testing.assert_close(loaded.weight, weights[update], atol=0, rtol=0)
-        outcomes.append((update, found.endswith(".old"), len(calls) > kill_at))
+        outcomes.append((update, found.endswith(".old"), killed))
     assert outcomes[0] == (1, False, True) and outcomes[-1] == (2, False, False)  # killed at once; not killed
     assert (1, True, True) in outcomes  # killed between the renames: the previous checkpoint, from checkpoint.old
 

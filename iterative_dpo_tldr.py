@@ -205,8 +205,8 @@ def sample_and_score(model, ref_policy, ref_context, reward_model, queries, quer
     contains_eos = eos_index < args.response_length
     scores = torch.where(contains_eos, scores, args.penalty_reward_value)
     return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
-                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],
-                kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1], scores=scores)
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0], scores=scores,
+                kl=logprobs[0] - ref_logprobs[0], kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1])
 
 
 def iterative_dpo_loss(logprobs, old_logprobs, rewards, beta):
@@ -460,12 +460,13 @@ def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, 
             reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
             reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
             values.append({"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
-                           "eval/kl_at_train_temperature": out["logprobs"] - out["ref_logprobs"],
+                           "eval/kl_at_train_temperature": out["kl"],
                            "eval/win_rate": out["scores"] > reference_scores, "eval/eos_share": out["contains_eos"]})
             texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
                      for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
-            rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs) for q, r, ref, s, rs in zip(
-                batch["query"], *texts, out["scores"].tolist(), reference_scores.tolist())]
+            numbers = torch.stack([out["scores"], reference_scores, out["kl_at_sample_temperature"]]).tolist()
+            rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs, kl=kl)  # kl: Table 1's, per sample
+                     for q, r, ref, s, rs, kl in zip(batch["query"], *texts, *numbers)]
     metrics = mean_over_ranks({k: torch.cat([v[k] for v in values]).float().mean() for k in values[0]})  # equal rows per rank
     if dist.is_initialized():
         gathered_rows = [None] * args.world_size
@@ -564,6 +565,8 @@ if __name__ == "__main__":
     run_dir = run_dir[0]
     if master:
         print(json.dumps(asdict(args), indent=1))
+        with open(f"{run_dir}/args.json", "w") as f:  # what the run was started with, for plot_runs.py's grouping
+            json.dump(asdict(args), f, indent=1)
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),

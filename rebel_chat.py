@@ -699,6 +699,8 @@ if __name__ == "__main__":
     run_dir = run_dir[0]
     if master:  # the run's arguments, complete once the end-of-turn tokens are known
         print(json.dumps(asdict(args), indent=1))
+        with open(f"{run_dir}/args.json", "w") as f:  # what the run was started with, for plot_runs.py's grouping
+            json.dump(asdict(args), f, indent=1)
         if args.track:
             import wandb
             wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),

@@ -140,7 +140,8 @@ def regression_loss(groups, window):
 
 def table6(groups, flag):
     """Table 6 in Markdown: one row per group and value of `flag`, the last evaluation's win rate against the references
-    (by the RM, and by judge_tldr.py where it judged that evaluation's samples), RM score and KL, averaged over runs."""
+    (by the RM, and by judge_tldr.py where it judged that evaluation's samples: the mean over the runs judged), RM score
+    and KL, averaged over runs."""
     if not any(flag in run["args"] for runs in groups.values() for run in runs):
         raise ValueError(f"--flag {flag}: an argument of none of the runs")
     rows = defaultdict(list)
@@ -154,9 +155,11 @@ def table6(groups, flag):
     lines = ["| run group | " + flag + " | runs | win rate, RM (%) | win rate, judge (%) | RM score | KL |",
              "|---|---|---|---|---|---|---|"]
     for name, value in sorted(rows, key=lambda k: (k[0], type(k[1]).__name__, k[1])):  # numbers in numeric order
-        win, judge, score, kl = np.mean(rows[name, value], 0)
-        lines.append(f"| {name} | {value} | {len(rows[name, value])} | {win:.1f} | "
-                     f"{'-' if np.isnan(judge) else f'{judge:.1f}'} | {score:.2f} | {kl:.1f} |")
+        values = np.array(rows[name, value])
+        win, _, score, kl = values.mean(0)
+        judged = values[~np.isnan(values[:, 1]), 1]  # the runs whose last evaluation was judged
+        lines.append(f"| {name} | {value} | {len(values)} | {win:.1f} | "
+                     f"{f'{judged.mean():.1f}' if len(judged) else '-'} | {score:.2f} | {kl:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -245,3 +245,75 @@ def write_lcm(args):
         head[-1].weight.div_(scores.std())
         head[-1].bias.sub_(scores.mean()).div_(scores.std()).add_(5.0)
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, args.aesthetic_head_path)
+
+
+# the tiny judge's rule: App. H.1.6 asks for "the most important points ... without unimportant or irrelevant details";
+# on the tiny posts the important points are these words, every other word a detail
+IMPORTANT = set("money job rent boss school plan move".split())
+TLDR_WORDS = "cat dog rent job friend move car game date boss school money sister plan".split()
+
+
+def judge_pairs(n, seed):
+    """`n` synthetic (post, summary A, summary B, verdict) in the tiny TL;DR format, the verdict by the rule: the summary
+    with more important words less other words wins; pairs the rule ties are skipped."""
+    g, pairs = random.Random(seed), []
+    while len(pairs) < n:
+        post = " ".join(g.choice(TLDR_WORDS) for _ in range(g.randint(3, 8)))
+        query = f"SUBREDDIT: r/{g.choice(TLDR_WORDS)}\n\nTITLE: {g.choice(TLDR_WORDS)}?\n\nPOST: {post}\n\nTL;DR:"
+        a, b = (" " + " ".join(g.choice(TLDR_WORDS) for _ in range(g.randint(1, 4))) for _ in range(2))
+        score_a, score_b = (sum(1 if w in IMPORTANT else -1 for w in s.split()) for s in [a, b])
+        if score_a != score_b:
+            pairs.append((query, a, b, "A" if score_a > score_b else "B"))
+    return pairs
+
+
+def write_judge(path):
+    """A tiny GPT-NeoX judge at `path` with a word-level tokenizer, trained on the tiny judge rule
+    (judge_pairs) in App. H.1.6's format, with and without the comparison sentence, until it agrees with the rule on
+    95 % of validation pairs (about 1,000 steps, a minute on 2 CPU cores)."""
+    if os.path.exists(f"{path}/tokenizer_config.json"):
+        return
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+    from judge_tldr import PROMPT, judge_input
+    reply = "Comparison: Summary {0} keeps more important points.\nPreferred: {0}"
+    splitter = pre_tokenizers.Whitespace()  # words and punctuation; the line breaks go
+    words = sorted({w for w, _ in splitter.pre_tokenize_str(" ".join(
+        [PROMPT, reply, *TLDR_WORDS, "SUBREDDIT: r/ TITLE: ? POST: TL;DR: A B"]))})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[PAD]", "[UNK]", "[EOS]", *words])}, "[UNK]"))
+    backend.pre_tokenizer, backend.decoder = splitter, decoders.WordPiece(cleanup=True)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="[EOS]")
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+        max_position_embeddings=512, rotary_pct=1.0, bos_token_id=2, eos_token_id=2, pad_token_id=0))
+
+    def encode(pair, reasoning):  # the prompt, then the reply to learn: with the comparison sentence or without
+        prompt = tokenizer(judge_input(tokenizer, *pair[:3]), add_special_tokens=False).input_ids
+        answer = reply.format(pair[3]) if reasoning else f"Preferred: {pair[3]}"
+        answer = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        return prompt + answer, [-100] * len(prompt) + answer
+
+    train = [encode(pair, i % 2 == 0) for i, pair in enumerate(judge_pairs(6000, seed=0))]
+    validation = judge_pairs(200, seed=1)
+    inputs = tokenizer([judge_input(tokenizer, *p[:3]) + "Preferred:" for p in validation], add_special_tokens=False,
+                       padding=True, padding_side="left", return_tensors="pt")
+    a, b = tokenizer.convert_tokens_to_ids(["A", "B"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = random.Random(0)
+    for step in range(1, 3001):
+        ids, labels = zip(*[train[g.randrange(len(train))] for _ in range(32)])
+        ids, mask = pad_right(list(ids))
+        labels = pad_right([list(x) for x in labels])[0].masked_fill(mask == 0, -100)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 100 == 0:
+            with torch.no_grad():
+                logits = model(**inputs, position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+            agreement = ((logits[:, a] > logits[:, b]) == torch.tensor([p[3] == "A" for p in validation])).float().mean()
+            if agreement >= 0.95:
+                break
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)

@@ -76,6 +76,7 @@ def test_the_regression_loss_and_its_moving_average(tmp_path):
 
 
 def test_table6_has_one_row_per_flag_value_from_the_last_evaluation(tmp_path):
+    """Means over the runs of each value; the judge's column over the runs judged (b, not c)."""
     def run(name, eta, win, score, judged=None):
         return write_run(tmp_path / name, {"eta": eta}, [
             {"update": 0, "eval/scores": 9.0, "eval/win_rate": 0.9, "eval/kl_at_eval_temperature": 9.0},
@@ -83,9 +84,9 @@ def test_table6_has_one_row_per_flag_value_from_the_last_evaluation(tmp_path):
             {"update": 10, "eval/scores": score, "eval/win_rate": win, "eval/kl_at_eval_temperature": 2 * score}],
             judged=judged and {10: judged})
 
-    runs = [run("a", 2.0, 0.5, 1.0), run("b", 0.3, 0.6, 2.0, judged=0.25), run("c", 0.3, 0.8, 3.0, judged=0.75)]
+    runs = [run("a", 2.0, 0.5, 1.0), run("b", 0.3, 0.6, 2.0, judged=0.25), run("c", 0.3, 0.8, 3.0)]
     table = plot_runs.table6({"rebel": runs}, "eta").splitlines()
-    assert table[2:] == ["| rebel | 0.3 | 2 | 70.0 | 50.0 | 2.50 | 5.0 |", "| rebel | 2.0 | 1 | 50.0 | - | 1.00 | 2.0 |"]
+    assert table[2:] == ["| rebel | 0.3 | 2 | 70.0 | 25.0 | 2.50 | 5.0 |", "| rebel | 2.0 | 1 | 50.0 | - | 1.00 | 2.0 |"]
     with pytest.raises(ValueError, match="--flag lr: an argument of none of the runs"):
         plot_runs.table6({"rebel": runs}, "lr")
 

@@ -10,13 +10,13 @@ import torch
 import rebel_tldr
 from conftest import ROOT, save_killed_at
 
-TLDR_SCRIPTS = ["rebel_tldr", "ppo_tldr", "dpo_tldr", "rloo_tldr", "iterative_dpo_tldr"]
+TLDR_SCRIPTS = ["rebel_tldr", "ppo_tldr", "dpo_tldr", "rloo_tldr", "iterative_dpo_tldr", "rebel_spo_tldr"]
 # the shared skeleton: defined once per script, in the same words everywhere; what a script changes is its algorithm
 SKELETON = ["TINY", "pad", "generate", "first_eos", "token_logprobs", "response_logprobs", "sample_and_score",
             "ScalarRewardModel", "load_reward_model", "shard", "shard_from_rank0", "load_policy",
             "enable_gradient_checkpointing", "gathered", "load_prompts", "check_args", "new_run_dir", "RESUMABLE",
             "find_checkpoint", "save_checkpoint", "load_checkpoint", "mean_over_ranks", "evaluate"]
-OWN = {"ppo_tldr": {"sample_and_score"}, "dpo_tldr": {"TINY"}}
+OWN = {"ppo_tldr": {"sample_and_score"}, "dpo_tldr": {"TINY"}, "rebel_spo_tldr": {"TINY"}}
 
 
 def definitions(script):

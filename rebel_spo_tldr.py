@@ -1,0 +1,798 @@
+# REBEL with general preferences on TL;DR: Gao et al., "REBEL: Reinforcement Learning via Regressing Relative Rewards",
+# NeurIPS 2024, Appendix D.2: self-play (SPO, Swamy et al., 2024) with REBEL as the base learner; a preference model
+# (an LLM judge with App. H.1.6's prompt) in place of the reward model. Single file, CleanRL style.
+#   python rebel_spo_tldr.py --tiny                              # tiny models and tiny judge, CPU, about a minute
+#   torchrun --nproc_per_node 8 rebel_spo_tldr.py --preference_model Qwen/Qwen2.5-7B-Instruct
+import contextlib
+import csv
+import glob
+import itertools
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from datasets import load_dataset
+from huggingface_hub import snapshot_download
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributions import Categorical
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer)
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (sampling seeds are offset by rank)"""
+    track: bool = False
+    """log to Weights and Biases (the same keys as metrics.jsonl)"""
+    wandb_project: str = "rebel_spo_tldr"
+    """the wandb project"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    tiny: bool = False
+    """tiny models and data (tiny.py, in runs/tiny/), CPU, ~1 minute: TINY's values become defaults, given flags win"""
+
+    # models and data (App. H.1.1-H.1.2); a hub ID or a local path
+    sft_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__sft__tldr"
+    """the SFT policy; pi_0 and the initial pi_t"""
+    preference_model: str = "Qwen/Qwen2.5-7B-Instruct"
+    """the preference model P(y > y'|x): a causal LM judge, read as judge_tldr.py reads it (App. H.1.6, no sentence)"""
+    binary_feedback: bool = False
+    """regress on sampled verdicts o ~ Bernoulli(P(y > y''|x)) instead of the probabilities (App. D.2)"""
+    reward_model: str = "vwxyzjn/EleutherAI_pythia-2.8b-deduped__reward__tldr"
+    """a reward model for evaluation and logging only (App. H.1's RM)"""
+    dataset: str = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+    """prompts: text columns `query` and `reference_response`, splits train and validation"""
+    trust_remote_code: bool = False
+    """allow models with custom code from the hub"""
+    query_length: int = 512
+    """longest prompt in tokens; longer prompts are dropped, and the count is printed"""
+    response_length: int = 53
+    """most tokens sampled per response (App. H.1.1); decoding stops early once every response has its EOS"""
+    temperature: float = 0.7
+    """sampling temperature: the released code's 0.7 (App. H.1.5's table says 0.1); log-probs use the same value"""
+    eval_temperature: float = 0.01
+    """near-greedy sampling for evaluation, as in the released code"""
+    penalty_reward_value: float = -1.0
+    """Gamma: l(x, y, y'') of a response without EOS within `response_length` tokens (as App. H.1.4's RM score)"""
+    kl_coef: float = 0.05
+    """gamma: r_t = l(x, y, y'') - gamma * (ln pi_t(y|x) - ln pi_0(y|x)) (rebel_tldr.py's Eq. 22; D.2 has none)"""
+
+    # REBEL (Algorithm 1, App. H.1.5)
+    eta: float = 1.0
+    """eta of Eq. (1)"""
+    total_episodes: int = 1_000_000
+    """prompts to train on in total (the released code's value); updates = total_episodes // batch_size"""
+    batch_size: int = 512
+    """prompts per update across all ranks; each gets three responses: y, y' and the opponent y''"""
+    num_epochs: int = 4
+    """passes of the regression over each batch"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch; the released code accumulates over the whole batch, i.e. 1"""
+    per_device_train_batch_size: int = 8
+    """prompts per forward/backward on one device (gradient accumulation makes up the minibatch), also per no-grad pass"""
+    rollout_batch_size: int = 16
+    """prompts per generate call on one device; all responses to a prompt come from one call"""
+    lr: float = 3e-6
+    """AdamW learning rate, decayed linearly to 0 over the run"""
+    adam_eps: float = 1e-5
+    """AdamW epsilon"""
+    lora_rank: int = 1024
+    """LoRA rank (paper: 1024 for 1.4B/2.8B); 0 trains all parameters (paper: 6.9B), sharded with FSDP2 under torchrun"""
+    lora_alpha: int = 2048
+    """LoRA alpha"""
+    gradient_checkpointing: bool = False
+    """recompute each layer's activations in the backward pass: less memory for full-parameter runs, more time"""
+
+    # evaluation and saving
+    eval_every: int = 100
+    """evaluate every this many updates, and always before the first and after the last"""
+    eval_samples: int = 0
+    """validation prompts to evaluate on; 0 for the whole split"""
+    save_every: int = 0
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    resume_from: Optional[str] = None
+    """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
+
+    # computed at run time
+    world_size: tyro.conf.Suppress[int] = 1
+    local_batch_size: tyro.conf.Suppress[int] = 0
+    gradient_accumulation_steps: tyro.conf.Suppress[int] = 0
+    num_updates: tyro.conf.Suppress[int] = 0
+    """iterations t of Algorithm 1"""
+    eos_token_id: tyro.conf.Suppress[int] = 0
+    pad_token_id: tyro.conf.Suppress[int] = 0
+    """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS"""
+
+
+# --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
+TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr",
+            preference_model="runs/tiny/judge", query_length=128, response_length=16, total_episodes=20 * 32,
+            batch_size=32, per_device_train_batch_size=16, rollout_batch_size=32, lr=3e-3, lora_rank=8, lora_alpha=16,
+            eval_every=10, eval_samples=64)
+
+
+def pad(sequences, pad_id, device, left=True):
+    """A batch of token lists and its attention mask; prompts are left-padded so that responses share columns."""
+    width = max(len(s) for s in sequences)
+    fill = [[pad_id] * (width - len(s)) for s in sequences]
+    ids = [f + s if left else s + f for s, f in zip(sequences, fill)]
+    mask = [[0] * len(f) + [1] * len(s) if left else [1] * len(s) + [0] * len(f) for s, f in zip(sequences, fill)]
+    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+
+
+def generate(model, queries, query_mask, num_samples, args, temperature):
+    """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
+    until all are done (synced_gpus): the all-gathers need as many forward passes on every rank."""
+    queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
+    query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
+                                     synced_gpus=isinstance(model, FSDPModule))
+    query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),
+                            value=args.pad_token_id)
+    return query_responses, torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+
+
+def first_eos(responses, eos_id):
+    """Index of each response's first EOS; response_length where there is none."""
+    is_eos = responses == eos_id
+    return torch.where(is_eos.any(-1), is_eos.int().argmax(-1), responses.shape[1])
+
+
+def token_logprobs(logits, tokens, temperatures):
+    """ln softmax(logits / t) at `tokens` for each t in `temperatures` (k, n, T), in fp32 for one chunk at a time."""
+    return torch.stack([(logits.float() / t).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+                        for t in temperatures])
+
+
+def response_logprobs(model, query_responses, attention_mask, context_length, temperatures, with_entropy=False):
+    """ln pi(y_h | x, y_<h) of every response token at each of `temperatures` (k, B, T), and the entropy at the first
+    if asked, from one forward pass. The LM head runs at the response positions only, the fp32 log-softmax one sequence
+    at a time, recomputed in the backward pass: no fp32 [B x T x vocabulary] logits exist."""
+    logits = model(input_ids=query_responses, attention_mask=attention_mask,
+                   position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # real tokens only, as in generate()
+                   logits_to_keep=torch.arange(context_length - 1, query_responses.shape[1] - 1,
+                                               device=query_responses.device)).logits
+    logprobs = torch.cat([checkpoint(token_logprobs, chunk, tokens, temperatures, use_reentrant=False) for chunk, tokens
+                          in zip(logits.split(1), query_responses[:, context_length:].split(1))], 1)
+    if not with_entropy:
+        return logprobs, None
+    with torch.no_grad():  # a metric, outside the log-softmax that the backward pass recomputes
+        return logprobs, torch.cat([Categorical(logits=chunk.float() / temperatures[0], validate_args=False).entropy()
+                                    for chunk in logits.split(1)])
+
+
+def sample_and_score(model, ref_policy, ref_context, reward_model, queries, query_mask, num_samples,
+                     sample_temperature, args):
+    """Responses from one generate call at `sample_temperature`, ending at their first EOS; in no-grad micro-batches,
+    their sequence log-probs under pi and pi_0 at the training temperature (the loss's ln pi_t, whatever the sampler's)
+    and at the sampling one (Table 1's KL of near-greedy samples); the RM score at the EOS, Gamma if none (App. H.1.4)."""
+    context_length = queries.shape[1]
+    query_responses, attention_mask = generate(model, queries, query_mask, num_samples, args, sample_temperature)
+    eos_index = first_eos(query_responses[:, context_length:], args.eos_token_id)
+    response_mask = torch.arange(args.response_length, device=queries.device) <= eos_index[:, None]
+    temperatures = tuple(dict.fromkeys([args.temperature, sample_temperature]))  # the training one first, once
+    logprobs, ref_logprobs, scores = [], [], []
+    micro_batch = args.per_device_train_batch_size * num_samples
+    for rows in [slice(i, i + micro_batch) for i in range(0, len(query_responses), micro_batch)]:
+        logprobs.append(response_logprobs(model, query_responses[rows], attention_mask[rows], context_length,
+                                          temperatures)[0])
+        with ref_context():
+            ref_logprobs.append(response_logprobs(ref_policy, query_responses[rows], attention_mask[rows],
+                                                  context_length, temperatures)[0])
+        scores.append(reward_model(query_responses[rows], attention_mask[rows])[:, context_length:])
+    logprobs = (torch.cat(logprobs, 1) * response_mask).sum(-1)  # (temperatures, B)
+    ref_logprobs = (torch.cat(ref_logprobs, 1) * response_mask).sum(-1)
+    scores = torch.cat(scores).gather(1, eos_index.clamp(max=args.response_length - 1)[:, None]).squeeze(1)
+    contains_eos = eos_index < args.response_length
+    scores = torch.where(contains_eos, scores, args.penalty_reward_value)
+    return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0], scores=scores,
+                kl=logprobs[0] - ref_logprobs[0], kl_at_sample_temperature=logprobs[-1] - ref_logprobs[-1])
+
+
+def rebel_loss(logprobs, old_logprobs, rewards, eta):
+    """Eq. (1) times eta^2 for a batch of pairs: columns 0 and 1 hold y and y' (sequence log-probs, rewards).
+      ( (1/eta) (ln pi_theta(y|x)/pi_t(y|x) - ln pi_theta(y'|x)/pi_t(y'|x)) - (r(x,y) - r(x,y')) )^2
+    Multiplying by eta^2 gives the released code's form; the minimiser is the same."""
+    ratios = logprobs - old_logprobs
+    return ((ratios[:, 0] - ratios[:, 1]) - eta * (rewards[:, 0] - rewards[:, 1])).pow(2).mean()
+
+
+def spo_rewards(p, binary):
+    """r_t(x, y) = l(x, y, y'') = 2 P(y > y''|x) - 1 (Eq. 12) with y'' ~ pi_t: a sample whose mean over y'' is
+    Swamy et al.'s reward l(x, y, pi_t), so Eq. (1) on r_t(y) - r_t(y') is D.2's regression. With binary feedback,
+    2o - 1 for o ~ Bernoulli(P), of the same mean (D.2 writes o - o': the same target halved)."""
+    return 2 * (torch.bernoulli(p) if binary else p) - 1
+
+
+# the preference model: an LLM judge given App. H.1.6's prompt, as judge_tldr.py's (its direct verdict, no sentence)
+PROMPT = """Which of the following summaries does a better job of summarizing the most important points in the given
+forum post, without including unimportant or irrelevant details? Judge based on accuracy, coverage, and
+coherence.
+### Post:
+{post}
+### Summary A:
+{summary_a}
+### Summary B:
+{summary_b}
+### Instructions:
+FIRST provide a one-sentence comparison of the two summaries, explaining which you prefer and why.
+SECOND, on a new line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""
+VERDICT = "Preferred:"
+
+
+def judge_input(tokenizer, post, summary_a, summary_b):
+    """The prompt as the judge reads it: in its chat template's user turn when it has one, else as plain text."""
+    prompt = PROMPT.format(post=post, summary_a=summary_a.strip(), summary_b=summary_b.strip())
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt + "\n"
+
+
+def verdict_tokens(tokenizer):
+    """The tokens that say A and B after "Preferred:", and the text between (" " for a byte-level tokenizer, "" where
+    " A" is one token): the first tokens at which "Preferred: A" and "Preferred: B" differ."""
+    a, b = (tokenizer(f"{VERDICT} {x}", add_special_tokens=False).input_ids for x in "AB")
+    prefix = tokenizer(VERDICT, add_special_tokens=False).input_ids
+    first = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    if a[:len(prefix)] != prefix or first < len(prefix):
+        raise ValueError(f"--preference_model: its tokenizer splits '{VERDICT} A' unlike '{VERDICT}' and 'A'")
+    return tokenizer.decode(a[len(prefix):first]), a[first], b[first]
+
+
+def preference(judge, tokenizer, tokens, posts, responses, others, batch_size, device):
+    """P(response > other | post), from the judge's P(A) = softmax over {A, B} of its next-token logits after
+    "Preferred:": with the response as A, and 1 - P(A) with it as B, averaged, so that a preference for a position
+    cancels; and whether the two orders disagree (the judge chose the same position both times)."""
+    suffix, a, b = tokens
+    contexts = [judge_input(tokenizer, post, *pair) + VERDICT + suffix
+                for post, y, other in zip(posts, responses, others) for pair in [(y, other), (other, y)]]
+    p_a = []
+    for i in range(0, len(contexts), batch_size):
+        batch = tokenizer(contexts[i: i + batch_size], add_special_tokens=False, padding=True,
+                          return_tensors="pt").to(device)
+        logits = judge(**batch, position_ids=(batch.attention_mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1).logits[:, -1].float()
+        p_a.append(torch.sigmoid(logits[:, a] - logits[:, b]))
+    p_a = torch.cat(p_a).view(-1, 2)
+    return 0.5 + (p_a[:, 0] - p_a[:, 1]) / 2, (p_a[:, 0] > 0.5) == (p_a[:, 1] > 0.5)
+
+
+# ---- infrastructure: models, sharding, data, start-up checks, checkpoints, evaluation ----
+
+class ScalarRewardModel(nn.Module):
+    """RM(x, y): a scalar head on the backbone's last hidden state, minus a constant bias, at every position."""
+
+    def __init__(self, lm_backbone, scalar_head, bias):
+        super().__init__()
+        self.lm_backbone, self.scalar_head, self.bias = lm_backbone, scalar_head, bias
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.lm_backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        return self.scalar_head(hidden).squeeze(-1).float() - self.bias
+
+
+def load_reward_model(name, dtype, trust_remote_code, meta=False):
+    """The reward model `name` in `dtype` on the CPU; with `meta`, its structure alone on the meta device, for the ranks
+    that receive the weights from rank 0 (shard_from_rank0)."""
+    path = name if os.path.isdir(name) else snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.bin"])
+    with open(f"{path}/config.json") as f:
+        config = json.load(f)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if "base_config" not in config:  # a standard sequence-classification checkpoint: its `score` head per token
+            kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+            if meta:
+                model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
+                    path, num_labels=1, trust_remote_code=trust_remote_code), **kwargs)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+            return ScalarRewardModel(model.base_model, model.score, 0.0)
+        # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
+        backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)
+        model = ScalarRewardModel(backbone, nn.Linear(config["hidden_size"], 1, dtype=dtype), config["bias"])
+    if not meta:
+        state = {}
+        for file in sorted(glob.glob(f"{path}/*.safetensors")) or sorted(glob.glob(f"{path}/*.bin")):
+            state.update(load_file(file) if file.endswith(".safetensors") else torch.load(file, weights_only=True))
+        model.load_state_dict(state)
+    return model
+
+
+def shard(model, mp_policy):
+    """FSDP2: each decoder layer is a unit of its own (gathered for its forward, then freed), then the rest."""
+    layers = {name for m in model.modules() for name in getattr(m, "_no_split_modules", None) or []}
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, mp_policy=mp_policy)
+    fully_shard(model, mp_policy=mp_policy)
+
+
+def shard_from_rank0(model, mp_policy, device, rank):
+    """FSDP2 without a whole model on any device, nor in host memory on any rank but rank 0: rank 0's `model` holds the
+    weights on the CPU, the others' is on the meta device; every rank shards it and rank 0 broadcasts the weights."""
+    state, buffers = (model.state_dict(), [b.clone() for b in model.buffers()]) if rank == 0 else ({}, [])
+    shard(model, mp_policy)
+    model.to_empty(device=device)
+    for i, buffer in enumerate(model.buffers()):  # buffers (e.g. rotary frequencies) are whole on every rank
+        if rank == 0:
+            buffer.copy_(buffers[i])
+        dist.broadcast(buffer, 0)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
+
+
+def load_policy(name, dtype, args, device, rank, mp_policy=None):
+    """The causal LM `name` in `dtype` on `device`; with an FSDP2 `mp_policy`, read by rank 0 alone and sharded."""
+    if mp_policy is None or rank == 0:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(
+                name, trust_remote_code=args.trust_remote_code), dtype=dtype, trust_remote_code=args.trust_remote_code)
+    return model.to(device) if mp_policy is None else shard_from_rank0(model, mp_policy, device, rank)
+
+
+def enable_gradient_checkpointing(model):
+    """Transformers recomputes activations in training mode only: set on the layers alone, so that dropout stays off."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.training = True
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Under FSDP2, keep the parameters unsharded from the first forward until the block ends: a whole `generate` costs
+    one all-gather instead of one per token. Nothing happens to an unsharded model."""
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in fsdp_modules:
+            m.reshard()
+            m.set_reshard_after_forward(True)
+
+
+def load_prompts(args, tokenizer, split, rank):
+    try:
+        dataset = load_dataset(args.dataset, split=split)
+    except StopIteration:  # what datasets raises for an empty data file
+        raise ValueError(f"--dataset {args.dataset}: the {split} split is empty") from None
+    if missing := {"query", "reference_response"} - set(dataset.column_names):
+        raise ValueError(f"dataset {args.dataset} ({split}) lacks column(s) {sorted(missing)}; "
+                         f"found {dataset.column_names}")
+    # numbers, not `args`, in the transforms: datasets reuses its cache only for what dill can hash, not a script's Args
+    eos, response_length, query_length = tokenizer.eos_token_id, args.response_length, args.query_length
+
+    def tokenize(batch):
+        references = tokenizer(batch["reference_response"], add_special_tokens=False).input_ids
+        return {"query_token": tokenizer(batch["query"], add_special_tokens=False).input_ids,
+                "reference_token": [(r if eos in r else r + [eos])[:response_length] for r in references]}
+
+    dataset = dataset.map(tokenize, batched=True)
+    n = len(dataset)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length)
+    if len(dataset) == 0:
+        raise ValueError(f"--dataset {args.dataset}: no {split} prompt of at most --query_length {query_length} tokens")
+    if rank == 0 and len(dataset) < n:
+        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+    return dataset
+
+
+# flags that may be 0 (0 for all, never, none) and fields computed later; any other number must be positive
+ZERO_ALLOWED = {"seed", "eval_samples", "eval_pairs", "save_every", "lora_rank", "kl_coef", "gamma", "lam",
+                "local_batch_size", "gradient_accumulation_steps", "num_updates", "eos_token_id", "pad_token_id"}
+
+
+def check_args(args):
+    """Bad input fails at start-up, before any model loads, naming the flag or path."""
+    for name, value in asdict(args).items():
+        if type(value) in (int, float) and name != "penalty_reward_value" and value <= 0 and (
+                value < 0 or name not in ZERO_ALLOWED):
+            raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")
+        if name.endswith(("model", "dataset")) and isinstance(value, str) and not os.path.exists(value) and (
+                value.startswith((".", "/", "~")) or value.count("/") > 1):  # a hub ID is "name" or "owner/name"
+            raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
+
+
+def new_run_dir(name):
+    """runs/{name}, or runs/{name}_2, ... when that exists (runs started in the same second): never another run's."""
+    for i in itertools.count(1):
+        with contextlib.suppress(FileExistsError):
+            os.makedirs(run_dir := f"runs/{name}" + (f"_{i}" if i > 1 else ""))
+            return run_dir
+
+
+# what a resumed run may change: settings that do not change what is trained, and sizes computed from compared flags
+RESUMABLE = {"exp_name", "track", "wandb_project", "wandb_entity", "tiny", "eval_every", "eval_samples",
+             "eval_temperature", "save_every", "resume_from", "gradient_checkpointing", "local_batch_size",
+             "gradient_accumulation_steps", "num_updates"}
+
+
+def find_checkpoint(path, args):
+    """The checkpoint at `path`, or at `path`.old after a crash between save_checkpoint's two renames. A resume that
+    would change what is trained (RESUMABLE aside) is refused, listing each difference."""
+    path = path.rstrip("/")
+    found = next((p for p in [path, f"{path}.old"] if os.path.exists(f"{p}/state.pt")), None)
+    if found is None:
+        raise FileNotFoundError(f"--resume_from {path}: no checkpoint there (no state.pt)")
+    if found != path:
+        print(f"--resume_from {path}: missing after a crash between two renames; resuming from {found}")
+    saved = torch.load(f"{found}/state.pt", mmap=True, weights_only=True)["args"]
+    if changed := [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(args).items()
+                   if k not in RESUMABLE and saved.get(k) != v]:
+        raise ValueError(f"--resume_from {found}: the checkpoint was trained with other settings; resuming with these "
+                         f"would change what is trained: {', '.join(changed)}")
+    return found
+
+
+def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, rank, **extra):
+    """The trainable weights (safetensors) and one dict: the update index (whence the lr and the data position), the
+    arguments, the optimizer state, every rank's RNG states and `extra` (an algorithm's running state), written by rank
+    0. The new checkpoint is whole before the old one goes: at any instant `path` or `path`.old holds a whole one."""
+    model_state, optimizer_state = get_state_dict(policy, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    rng = {"torch": torch.get_rng_state(), "shuffle": shuffle_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [rng] * args.world_size  # every rank's, for rank 0 to write
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, rng)
+    if rank == 0:
+        shutil.rmtree(f"{path}.tmp", ignore_errors=True)
+        os.makedirs(f"{path}.tmp")
+        save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
+        torch.save(dict(update=update, args=asdict(args), optimizer=optimizer_state, rng=rngs, **extra),
+                   f"{path}.tmp/state.pt")
+        if os.path.exists(path):
+            shutil.rmtree(f"{path}.old", ignore_errors=True)
+            os.rename(path, f"{path}.old")
+        os.rename(f"{path}.tmp", path)
+        shutil.rmtree(f"{path}.old", ignore_errors=True)
+
+
+def load_checkpoint(path, policy, optimizer, shuffle_generator, rank):
+    """The inverse of save_checkpoint; returns the saved dict. Under FSDP2 rank 0 reads the weights and optimizer state
+    and broadcasts them (state.pt is memory-mapped: the other ranks read their RNG states only)."""
+    sharded = any(isinstance(m, FSDPModule) for m in policy.modules())
+    state = torch.load(f"{path}/state.pt", mmap=True, weights_only=True)
+    model_state = load_file(f"{path}/model.safetensors") if rank == 0 or not sharded else {}
+    if model_state and set(model_state) != (trainable := set(get_model_state_dict(
+            policy, options=StateDictOptions(ignore_frozen_params=True)))):
+        raise ValueError(f"{path}/model.safetensors holds {len(set(model_state) - trainable)} weights this model does "
+                         f"not train and lacks {len(trainable - set(model_state))} that it does")
+    # strict=False: the checkpoint holds the trainable weights only (checked above)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded, strict=False)
+    set_model_state_dict(policy, model_state, options=options)
+    set_optimizer_state_dict(policy, optimizer, state["optimizer"] if rank == 0 or not sharded else {}, options=options)
+    rng = state["rng"][rank]
+    torch.set_rng_state(rng["torch"])
+    shuffle_generator.set_state(rng["shuffle"])
+    if "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def mean_over_ranks(metrics):
+    """{name: scalar tensor} -> {name: float}, each averaged over the ranks, with one all_reduce for all of them."""
+    values = torch.stack([v.float() for v in metrics.values()]) / (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return dict(zip(metrics, values.tolist()))
+
+
+def evaluate(policy, ref_policy, ref_context, reward_model, tokenizer, dataset, args, device, autocast):
+    """Near-greedy summaries of the validation prompts (split over ranks): RM score, Table 1's KL (at the evaluation
+    temperature) and the training one's, win rate against the reference by RM score, EOS share, the sample table."""
+    rows, values = [], []  # values: {metric: one per sample} per batch
+    with torch.no_grad(), gathered(policy), autocast:
+        for i in range(0, len(dataset), args.rollout_batch_size):
+            batch = dataset[i: i + args.rollout_batch_size]
+            queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+            out = sample_and_score(policy, ref_policy, ref_context, reward_model, queries, query_mask, 1,
+                                   args.eval_temperature, args)
+            references, reference_mask = pad(batch["reference_token"], args.pad_token_id, device, left=False)
+            reference_scores = reward_model(torch.cat([queries, references], 1), torch.cat([query_mask, reference_mask], 1))
+            reference_scores = reference_scores[range(len(queries)), queries.shape[1] + reference_mask.sum(1) - 1]
+            values.append({"eval/scores": out["scores"], "eval/kl_at_eval_temperature": out["kl_at_sample_temperature"],
+                           "eval/kl_at_train_temperature": out["kl"],
+                           "eval/win_rate": out["scores"] > reference_scores, "eval/eos_share": out["contains_eos"]})
+            texts = [tokenizer.batch_decode(t, skip_special_tokens=True)  # EOS and the padding after it are special
+                     for t in [out["query_responses"][:, queries.shape[1]:], batch["reference_token"]]]
+            numbers = torch.stack([out["scores"], reference_scores, out["kl_at_sample_temperature"]]).tolist()
+            rows += [dict(query=q, response=r, reference=ref, score=s, reference_score=rs, kl=kl)  # kl: Table 1's, per sample
+                     for q, r, ref, s, rs, kl in zip(batch["query"], *texts, *numbers)]
+    metrics = mean_over_ranks({k: torch.cat([v[k] for v in values]).float().mean() for k in values[0]})  # equal rows per rank
+    if dist.is_initialized():
+        gathered_rows = [None] * args.world_size
+        dist.all_gather_object(gathered_rows, rows)
+        rows = sum(gathered_rows, [])
+    return metrics, rows
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args, default=Args(tiny=True, **TINY) if "--tiny" in sys.argv else None)
+
+    # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    local_rank = int(os.environ["LOCAL_RANK"]) if distributed else 0
+    master = rank == 0
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    # bf16 on GPU: the frozen weights, and the copies of trainable ones that FSDP2's forward and backward run in
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    # start-up checks, all before any model loads: flags, paths, the tokenizer, the data, the checkpoint's settings
+    if args.tiny and master:
+        import tiny  # test scaffolding, next to this file
+        tiny.write_tldr(args)
+        tiny.write_judge(args.preference_model)
+    if distributed:
+        dist.barrier()
+    check_args(args)
+    args.num_updates = args.total_episodes // args.batch_size
+    args.local_batch_size = args.batch_size // args.world_size
+    local_minibatch = args.local_batch_size // args.num_minibatches
+    args.gradient_accumulation_steps = local_minibatch // args.per_device_train_batch_size
+    if args.num_updates < 1 or args.gradient_accumulation_steps * args.per_device_train_batch_size \
+            * args.num_minibatches * args.world_size != args.batch_size:
+        raise ValueError(f"--batch_size {args.batch_size} must be a multiple of world size {args.world_size} x "
+                         f"--num_minibatches {args.num_minibatches} x --per_device_train_batch_size "
+                         f"{args.per_device_train_batch_size}, and at most --total_episodes {args.total_episodes}")
+    tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--sft_model {args.sft_model}: its tokenizer has no EOS token, which ends every response")
+    args.eos_token_id = tokenizer.eos_token_id
+    args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    judge_tokenizer = AutoTokenizer.from_pretrained(args.preference_model, padding_side="left",
+                                                    trust_remote_code=args.trust_remote_code)
+    judge_tokenizer.pad_token = judge_tokenizer.pad_token or judge_tokenizer.eos_token
+    judge_tokens = verdict_tokens(judge_tokenizer)
+    train_data = load_prompts(args, tokenizer, "train", rank)
+    eval_data = load_prompts(args, tokenizer, "validation", rank)
+    if args.eval_samples > len(eval_data) and master:
+        print(f"--eval_samples {args.eval_samples}: the validation split holds {len(eval_data)} prompts, all evaluated")
+    num_eval = min(args.eval_samples or len(eval_data), len(eval_data)) // args.world_size * args.world_size
+    if num_eval == 0:
+        raise ValueError(f"evaluation needs at least one validation prompt per rank: --eval_samples "
+                         f"{args.eval_samples} of {len(eval_data)} prompts for world size {args.world_size}")
+    eval_data = eval_data.select(range(rank, num_eval, args.world_size))
+    args.eval_samples = num_eval
+    usable = len(train_data) // args.batch_size * args.batch_size  # whole batches per pass over the data
+    if usable == 0:
+        raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
+    checkpoint_dir = find_checkpoint(args.resume_from, args) if args.resume_from else None
+
+    torch.manual_seed(args.seed + rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off. `raw_policy`
+    # is the model itself, for generate and the no-grad passes; `policy` the same model as trained (DDP or FSDP2)
+    lora = args.lora_rank > 0
+    fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not lora \
+        else None  # full-parameter training under torchrun: the policy and pi_0 sharded with FSDP2
+    raw_policy = load_policy(args.sft_model, compute_dtype if lora else torch.float32, args, device, rank, fsdp).eval()
+    if lora:  # pi_0 is the same weights with the adapter disabled: no second copy
+        raw_policy = get_peft_model(raw_policy, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                                           lora_dropout=0.0))
+        ref_policy, ref_context = raw_policy, raw_policy.disable_adapter
+    else:
+        ref_policy = load_policy(args.sft_model, compute_dtype, args, device, rank, fsdp).eval().requires_grad_(False)
+        ref_context = contextlib.nullcontext
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(raw_policy)
+    reward_model = load_reward_model(args.reward_model, compute_dtype, args.trust_remote_code,
+                                     meta=fsdp is not None and rank > 0).requires_grad_(False).eval()
+    # under FSDP2 sharded like pi_0, so that no rank holds a second whole model
+    reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
+    judge = load_policy(args.preference_model, compute_dtype, args, device, rank, fsdp).eval().requires_grad_(False)
+
+    def judge_win_rate(rows):  # the evaluation summaries against the references, by the preference model
+        mine = rows[rank::args.world_size]  # every rank holds all rows; as many per rank
+        with torch.no_grad(), autocast:
+            p, _ = preference(judge, judge_tokenizer, judge_tokens, *([r[k] for r in mine] for k in [
+                "query", "response", "reference"]), args.per_device_train_batch_size, device)
+        return mean_over_ranks({"eval/judge_win_rate": p.mean()})
+    # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
+    # skipping that would keep whole unsharded fp32 gradients on every rank (about 28 GB per GPU at 6.9B)
+    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None) if distributed and lora \
+        else raw_policy
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
+
+    # the run folder, once everything has loaded: the checkpoint's, or a new one (rank 0's name on every rank)
+    run_dir = [os.path.dirname(os.path.abspath(checkpoint_dir)) if checkpoint_dir else
+               new_run_dir(f"tldr__{args.exp_name}__{args.seed}__{int(time.time())}") if master else None]
+    if distributed:
+        dist.broadcast_object_list(run_dir)
+    run_dir = run_dir[0]
+    if master:
+        print(json.dumps(asdict(args), indent=1))
+        with open(f"{run_dir}/args.json", "w") as f:  # what the run was started with, for plot_runs.py's grouping
+            json.dump(asdict(args), f, indent=1)
+        if args.track:
+            import wandb
+            wandb.init(project=args.wandb_project, entity=args.wandb_entity, config=asdict(args),
+                       name=os.path.basename(run_dir), save_code=True)
+    start_update = load_checkpoint(checkpoint_dir, policy, optimizer, shuffle_generator, rank)["update"] \
+        if checkpoint_dir else 0
+    if checkpoint_dir and master:  # forget what the interrupted run logged after its checkpoint, and a torn last line
+        with open(f"{run_dir}/metrics.jsonl") as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
+        with open(f"{run_dir}/metrics.jsonl", "w") as f:
+            f.writelines(kept)
+
+    def log(metrics, rows=None):
+        if not master:
+            return
+        with open(f"{run_dir}/metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if rows:
+            with open(f"{run_dir}/samples_update{metrics['update']}.csv", "w", newline="") as f:
+                csv.writer(f).writerows([list(rows[0]), *(r.values() for r in rows)])
+        if args.track:
+            table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
+            wandb.log({**metrics, **table}, step=metrics["update"])
+
+    metrics = {}
+    if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
+        eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                      device, autocast)
+        metrics = {"update": 0, "episode": 0, **eval_metrics, **judge_win_rate(rows)}
+        log(metrics, rows)
+
+    start_time = time.time()
+    progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="updates")
+    for update in progress:
+        optimizer.param_groups[0]["lr"] = args.lr * (1.0 - (update - 1) / args.num_updates)
+        episode = update * args.batch_size
+        # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
+        start = (update - 1) * args.batch_size % usable
+        order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+        batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
+        queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
+        context_length = queries.shape[1]
+
+        # 1. Collect D_t = {x, y, y', y''} with y, y', y'' ~ pi_t(.|x) (App. D.2, mu = pi_t): the three responses to a
+        #    prompt come from one generate call, rows 3i, 3i+1 (the pair regressed) and 3i+2 (the opponent y'').
+        rollout_start = time.time()
+        with torch.no_grad(), gathered(raw_policy), autocast:
+            chunks = [sample_and_score(raw_policy, ref_policy, ref_context, reward_model,
+                                       queries[i: i + args.rollout_batch_size], query_mask[i: i + args.rollout_batch_size],
+                                       3, args.temperature, args)
+                      for i in range(0, args.local_batch_size, args.rollout_batch_size)]
+        rollout = {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+        query_responses, attention_masks, response_masks, logprobs, scores = (rollout[k] for k in [
+            "query_responses", "attention_mask", "response_mask", "logprobs", "scores"])
+        # 2. r_t(x, y) = l(x, y, y'') - gamma (ln pi_t(y|x) - ln pi_0(y|x)) for y and y', l by the preference model
+        #    (App. D.2; the KL term and Gamma for no EOS as in rebel_tldr.py's reward, which D.2 leaves out)
+        texts = tokenizer.batch_decode(query_responses[:, context_length:], skip_special_tokens=True)
+        triples = [texts[i: i + 3] for i in range(0, len(texts), 3)]
+        with torch.no_grad(), autocast:
+            p, same_position = preference(judge, judge_tokenizer, judge_tokens, [q for q in batch["query"] for _ in "yy"],
+                                          [r for y, y2, _ in triples for r in (y, y2)],
+                                          [y3 for *_, y3 in triples for _ in "yy"], args.per_device_train_batch_size,
+                                          device)
+        judged = torch.zeros(len(texts) // 3, 3, device=device)
+        judged[:, :2] = spo_rewards(p, args.binary_feedback).view(-1, 2)
+        judged = torch.where(rollout["contains_eos"], judged.flatten(), args.penalty_reward_value)
+        kl = logprobs - rollout["ref_logprobs"]
+        rewards = judged - args.kl_coef * kl
+        rollout_time = time.time() - rollout_start
+
+        # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
+        update_start = time.time()
+        stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
+                 for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
+        grad_norms = torch.zeros(args.num_epochs, args.num_minibatches, device=device)
+        for epoch in range(args.num_epochs):
+            permutation = torch.randperm(args.local_batch_size, generator=shuffle_generator).to(device)
+            for minibatch in range(args.num_minibatches):
+                for micro in range(args.gradient_accumulation_steps):
+                    first = minibatch * local_minibatch + micro * args.per_device_train_batch_size
+                    pairs = permutation[first: first + args.per_device_train_batch_size]
+                    seqs = (3 * pairs[:, None] + torch.arange(2, device=device)).flatten()
+                    policy.require_backward_grad_sync = micro == args.gradient_accumulation_steps - 1  # DDP (see above)
+                    with autocast:
+                        new_logprobs, entropy = response_logprobs(policy, query_responses[seqs], attention_masks[seqs],
+                                                                  context_length, (args.temperature,), epoch == 0)
+                    new_logprobs = (new_logprobs[0] * response_masks[seqs]).sum(1)
+                    loss = rebel_loss(new_logprobs.view(-1, 2), logprobs[seqs].view(-1, 2), rewards[seqs].view(-1, 2),
+                                      args.eta)
+                    (loss / args.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        at = epoch, minibatch, micro
+                        stats["loss"][at] = loss
+                        stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
+                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                            stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
+                grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
+                grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+                grad_norms[epoch, minibatch] = grad_norm
+                if not torch.isfinite(grad_norm):  # the same on every rank (reduced gradients): no step on NaN
+                    raise FloatingPointError(f"update {update}: non-finite loss or gradient norm ({grad_norm.item()}); "
+                                             "stopped before the step: start again with a lower --lr")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        update_time = time.time() - update_start
+
+        # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
+        metrics = {"update": update, "episode": episode, **mean_over_ranks({
+            "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
+            "spo/target_abs": (judged[0::3] - judged[1::3]).abs().mean(), "spo/l": judged.view(-1, 3)[:, :2].mean(),
+            "spo/order_disagreement": same_position.float().mean(),
+            "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": stats["loss"].mean(),
+            "rebel/approxkl": stats["approxkl"].mean(), "policy/entropy": stats["entropy"][0].mean(),
+            "rebel/loss_first_epoch": stats["loss"][0].mean(), "rebel/loss_last_epoch": stats["loss"][-1].mean(),
+            "train/grad_norm": grad_norms.mean()}), "lr": optimizer.param_groups[0]["lr"],
+            "time/rollout_s": rollout_time, "time/update_s": update_time,
+            "episodes_per_s": (episode - start_update * args.batch_size) / (time.time() - start_time),
+            "memory/peak_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        progress.set_postfix({k: f"{metrics[f'objective/{k}']:.3f}" for k in ["scores", "kl", "eos_share"]})
+        rows = None
+        if update % args.eval_every == 0 or update == args.num_updates:
+            eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, reward_model, tokenizer, eval_data, args,
+                                          device, autocast)
+            metrics.update(eval_metrics, **judge_win_rate(rows))
+        log(metrics, rows)
+
+        if args.save_every and update % args.save_every == 0:
+            save_checkpoint(f"{run_dir}/checkpoint", policy, optimizer, shuffle_generator, update, args, rank)
+
+    # the trained policy in Hugging Face format, loadable with AutoModelForCausalLM.from_pretrained: with LoRA, the
+    # adapter (adapter/) and the weights with it merged in fp32 (model/); else the full weights, gathered from the shards
+    if lora and master:
+        raw_policy.save_pretrained(f"{run_dir}/adapter")
+        raw_policy.to("cpu", torch.float32).merge_and_unload().to(compute_dtype).save_pretrained(f"{run_dir}/model")
+    elif not lora:
+        model_state = get_state_dict(raw_policy, [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))[0]
+        if master:
+            with torch.device("meta"):  # save_pretrained writes the state dict it is given: a weightless model serves
+                model = AutoModelForCausalLM.from_config(raw_policy.config)
+            model.generation_config = raw_policy.generation_config  # rank 0's, read with the SFT checkpoint
+            model.save_pretrained(f"{run_dir}/model", state_dict=model_state)
+    if master:
+        tokenizer.save_pretrained(f"{run_dir}/model")
+        summary = {k: v for k, v in metrics.items() if k.startswith(("eval/", "objective/", "time/", "memory/"))}
+        print(f"run folder {run_dir}\n" + json.dumps(summary, indent=1))
+        if args.track:
+            wandb.finish()
+    if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
+        dist.barrier()
+        dist.destroy_process_group()

@@ -317,3 +317,70 @@ def write_judge(path):
                 break
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def math_problem(g):
+    """A one-step word problem in GSM8K's format, its worked solution (with GSM8K's <<a+b=c>> note) and its answer."""
+    name, thing, a, b = g.choice("Tom Ann Sam Mia Joe Eva".split()), g.choice("apples pens cards books coins".split()), \
+        g.randint(2, 9), g.randint(1, 9)
+    if g.random() < 0.5:
+        question, expression, answer = f"{name} has {a} {thing}. {name} gets {b} more. How many {thing} now?", \
+            f"{a}+{b}", a + b
+    else:
+        a, b = max(a, b) + 1, min(a, b)
+        question, expression, answer = f"{name} has {a} {thing}. {name} gives away {b}. How many {thing} now?", \
+            f"{a}-{b}", a - b
+    return question, f"{expression} = <<{expression}={answer}>>{answer}\n#### {answer}", answer
+
+
+def write_math(args):
+    """Whichever is missing of: synthetic one-step word problems in GSM8K's format (`args.dataset`: train, and a test
+    split of other problems), and a tiny Qwen2 policy with a byte-level BPE tokenizer (`args.model`), fine-tuned for 200
+    steps on worked solutions in the scripts' format ("a+b = c. \\boxed{c}") to start at roughly 10-30 % test accuracy."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    import rebel_math
+    g = random.Random(0)
+    if not os.path.exists(f"{args.dataset}/test.jsonl"):
+        os.makedirs(args.dataset, exist_ok=True)
+        seen = set()
+        for split, n in [("train", 2000), ("test", 256)]:
+            with open(f"{args.dataset}/{split}.jsonl", "w") as f:
+                while n:
+                    question, solution, _ = math_problem(g)
+                    if split == "test" and question in seen:  # held out: no test question is a train question
+                        continue
+                    seen.add(question)
+                    f.write(json.dumps({"question": question, "answer": solution}) + "\n")
+                    n -= 1
+    if os.path.exists(f"{args.model}/tokenizer_config.json"):
+        return
+    # Qwen2's tokenizer is a byte-level BPE: here its 256 byte tokens without merges, and an end-of-text token
+    backend = Tokenizer(models.BPE({c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))} |
+                                   {"<|endoftext|>": 256}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=256, max_position_embeddings=512, tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None))
+    with open(f"{args.dataset}/train.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    examples = []
+    for row in rows:
+        prompt = tokenizer(rebel_math.PROMPT.format(question=row["question"]), add_special_tokens=False).input_ids
+        expression, answer = row["answer"].split(" = ")[0], row["answer"].split("#### ")[-1]
+        reply = tokenizer(f" {expression} = {answer}. \\boxed{{{answer}}}", add_special_tokens=False).input_ids
+        examples.append((prompt + reply + [tokenizer.eos_token_id], [-100] * len(prompt) + reply + [tokenizer.eos_token_id]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        ids, labels = zip(*[examples[g.randrange(len(examples))] for _ in range(32)])
+        ids, mask = pad_right(list(ids))
+        labels = pad_right([list(x) for x in labels])[0].masked_fill(mask == 0, -100)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(args.model)
+    tokenizer.save_pretrained(args.model)

@@ -129,7 +129,7 @@ def leave_as_killed_mid_swap(checkpoint):
         f.write('{"update": 1000, "objective/sco')
 
 
-def assert_resume_reproduces(script, workdir, name, *flags):
+def assert_resume_reproduces(script, workdir, name, *flags, task="tldr"):
     """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint
     exists, leave it as a kill mid-swap would (leave_as_killed_mid_swap) and resume from it: the resumed run logs the
     same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
@@ -137,19 +137,19 @@ def assert_resume_reproduces(script, workdir, name, *flags):
     run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
     process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)
     deadline = time.time() + 300
-    while not glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint/state.pt") and time.time() < deadline:
+    while not glob.glob(f"{workdir}/runs/{task}__{name}_killed__*/checkpoint/state.pt") and time.time() < deadline:
         assert process.is_alive(), finished(process, out, err).stderr[-3000:]
         time.sleep(0.05)
     process.kill()  # SIGKILL
     process.join()
     finished(process, out, err)
-    (checkpoint,) = glob.glob(f"{workdir}/runs/tldr__{name}_killed__*/checkpoint")
+    (checkpoint,) = glob.glob(f"{workdir}/runs/{task}__{name}_killed__*/checkpoint")
     assert checkpoint_update(checkpoint) == 2
     leave_as_killed_mid_swap(checkpoint)
     proc = run_script(script, workdir, "--exp_name", f"{name}_killed", "--resume_from", checkpoint, *flags)
     assert f"resuming from {checkpoint}.old" in proc.stdout
-    _, straight = read_metrics(workdir, f"tldr__{name}_straight")
-    _, resumed = read_metrics(workdir, f"tldr__{name}_killed")
+    _, straight = read_metrics(workdir, f"{task}__{name}_straight")
+    _, resumed = read_metrics(workdir, f"{task}__{name}_killed")
     assert [m["update"] for m in resumed] == [0, 1, 2, 3]
     for a, b in zip(straight, resumed):
         for key in a:

@@ -43,8 +43,12 @@ def test_the_skeleton_is_the_same_in_every_tldr_script(script):
 @pytest.mark.parametrize("script, names", [
     ("rebel_chat", ["pad", "shard", "shard_from_rank0", "gathered", "new_run_dir", "find_checkpoint", "save_checkpoint",
                     "load_checkpoint", "mean_over_ranks"]),
-    ("rebel_lcm", ["new_run_dir", "find_checkpoint", "mean_over_ranks", "rebel_loss"])])
-def test_chat_and_lcm_share_the_skeletons_words(script, names):
+    ("rebel_lcm", ["new_run_dir", "find_checkpoint", "mean_over_ranks", "rebel_loss"]),
+    ("rebel_math", ["pad", "generate", "first_eos", "token_logprobs", "response_logprobs", "rebel_loss", "shard",
+                    "shard_from_rank0", "load_policy", "enable_gradient_checkpointing", "gathered", "check_args",
+                    "new_run_dir", "RESUMABLE", "find_checkpoint", "save_checkpoint", "load_checkpoint",
+                    "mean_over_ranks"])])
+def test_chat_lcm_and_math_share_the_skeletons_words(script, names):
     reference, copy = definitions("rebel_tldr"), definitions(script)
     for name in names:
         assert copy[name] == reference[name], f"{script}.{name} differs from rebel_tldr.{name}"

@@ -241,5 +241,6 @@ if __name__ == "__main__":
                         if f"mean_{c}" in summary)
               + f"; {len(rows)} prompts judged in both orders by {args.judge_model} (orders disagree on "
               f"{100 * summary['order_disagreement']:.1f} %, {forced} verdicts forced); wrote {out}.csv and .json")
-    if distributed:
+    if distributed:  # no rank leaves before rank 0 has written: torchrun stops all ranks when one exits with an error
+        dist.barrier()
         dist.destroy_process_group()

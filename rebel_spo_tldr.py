@@ -754,7 +754,7 @@ if __name__ == "__main__":
         # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
-            "spo/target_abs": (judged[0::3] - judged[1::3]).abs().mean(), "spo/l": judged.view(-1, 3)[:, :2].mean(),
+            "spo/target_abs": (judged[0::3] - judged[1::3]).abs().mean(),
             "spo/order_disagreement": same_position.float().mean(),
             "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": stats["loss"].mean(),
             "rebel/approxkl": stats["approxkl"].mean(), "policy/entropy": stats["entropy"][0].mean(),

@@ -16,6 +16,16 @@ def pad_right(sequences):
             torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]))
 
 
+def train_step(model, optimizer, examples, g):
+    """One AdamW step of next-token loss on 32 random (ids, labels) examples, labels -100 where nothing is learned."""
+    ids, labels = zip(*[examples[g.randrange(len(examples))] for _ in range(32)])
+    ids, mask = pad_right(list(ids))
+    labels = pad_right(list(labels))[0].masked_fill(mask == 0, -100)
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def tldr_rm_scores(backbone, head, ids, mask):
     """The tiny RM's score at each sequence's last token, as the scripts' ScalarRewardModel computes it (bias 0)."""
     hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
@@ -303,12 +313,7 @@ def write_judge(path):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = random.Random(0)
     for step in range(1, 3001):
-        ids, labels = zip(*[train[g.randrange(len(train))] for _ in range(32)])
-        ids, mask = pad_right(list(ids))
-        labels = pad_right([list(x) for x in labels])[0].masked_fill(mask == 0, -100)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, train, g)
         if step % 100 == 0:
             with torch.no_grad():
                 logits = model(**inputs, position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
@@ -376,11 +381,6 @@ def write_math(args):
         examples.append((prompt + reply + [tokenizer.eos_token_id], [-100] * len(prompt) + reply + [tokenizer.eos_token_id]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        ids, labels = zip(*[examples[g.randrange(len(examples))] for _ in range(32)])
-        ids, mask = pad_right(list(ids))
-        labels = pad_right([list(x) for x in labels])[0].masked_fill(mask == 0, -100)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        train_step(model, optimizer, examples, g)
     model.save_pretrained(args.model)
     tokenizer.save_pretrained(args.model)

@@ -94,8 +94,8 @@ class Args:
     """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 1e-6
     """AdamW learning rate (A*-PO's 1e-6), decayed linearly to 0 over the run"""
-    adam_eps: float = 1e-5
-    """AdamW epsilon"""
+    adam_eps: float = 1e-8
+    """AdamW epsilon (torch's default, as in A*-PO's runs: beta_2 scales apo_math's gradients by 1e-3)"""
     lora_rank: int = 0
     """LoRA rank; 0 trains all parameters (A*-PO's runs), sharded with FSDP2 under torchrun"""
     lora_alpha: int = 2048
@@ -327,6 +327,8 @@ def load_prompts(args, tokenizer, split, rank, flag="dataset"):
         dataset = load_dataset(name, args.dataset_config if name == args.dataset else None, split=split)
     except StopIteration:  # what datasets raises for an empty data file
         raise ValueError(f"--{flag} {name}: the {split} split is empty") from None
+    except OSError as error:  # no such dataset: an unknown hub ID, or one not in the cache when offline
+        raise ValueError(f"--{flag} {name}: {error}") from None
     if {"question", "answer"} <= set(dataset.column_names):  # GSM8K: the answer after "####"
         question, solution, extract = "question", "answer", lambda text: text.split("####")[-1].strip()
     elif {"problem", "solution"} <= set(dataset.column_names):  # MATH: the last \\boxed{} of the solution

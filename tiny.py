@@ -338,10 +338,16 @@ def math_problem(g):
     return question, f"{expression} = <<{expression}={answer}>>{answer}\n#### {answer}", answer
 
 
+# the tiny policy's solutions end in \boxed{} for 90 % of these names' problems and 35 % of the others' (else GSM8K's
+# "#### N", which the verifier does not read): like a base model that often ignores the requested format
+BOXING = set("Tom Ann Sam".split())
+
+
 def write_math(args):
     """Whichever is missing of: synthetic one-step word problems in GSM8K's format (`args.dataset`: train, and a test
-    split of other problems), and a tiny Qwen2 policy with a byte-level BPE tokenizer (`args.model`), fine-tuned for 200
-    steps on worked solutions in the scripts' format ("a+b = c. \\boxed{c}") to start at roughly 10-30 % test accuracy."""
+    split of other problems), and a tiny Qwen2 policy with a byte-level BPE tokenizer (`args.model`), fine-tuned for
+    800 steps on worked solutions ("a+b = c. \\boxed{c}" or "a+b = c.\\n#### c", see BOXING). Its arithmetic is then
+    right, and it boxes greedily for BOXING's names only: about 50 % held-out accuracy, and a format to learn."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     import rebel_math
@@ -349,7 +355,7 @@ def write_math(args):
     if not os.path.exists(f"{args.dataset}/test.jsonl"):
         os.makedirs(args.dataset, exist_ok=True)
         seen = set()
-        for split, n in [("train", 2000), ("test", 256)]:
+        for split, n in [("train", 1024), ("test", 256)]:
             with open(f"{args.dataset}/{split}.jsonl", "w") as f:
                 while n:
                     question, solution, _ = math_problem(g)
@@ -366,6 +372,7 @@ def write_math(args):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_tokens([rebel_math.PROMPT.format(question="")])  # the instruction as one token: shorter sequences
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -377,10 +384,12 @@ def write_math(args):
     for row in rows:
         prompt = tokenizer(rebel_math.PROMPT.format(question=row["question"]), add_special_tokens=False).input_ids
         expression, answer = row["answer"].split(" = ")[0], row["answer"].split("#### ")[-1]
-        reply = tokenizer(f" {expression} = {answer}. \\boxed{{{answer}}}", add_special_tokens=False).input_ids
+        boxed = g.random() < (0.9 if row["question"].split()[0] in BOXING else 0.35)
+        final = f"\\boxed{{{answer}}}" if boxed else f"\n#### {answer}"
+        reply = tokenizer(f" {expression} = {answer}. {final}", add_special_tokens=False).input_ids
         examples.append((prompt + reply + [tokenizer.eos_token_id], [-100] * len(prompt) + reply + [tokenizer.eos_token_id]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(800):
         train_step(model, optimizer, examples, g)
     model.save_pretrained(args.model)
     tokenizer.save_pretrained(args.model)

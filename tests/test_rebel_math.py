@@ -50,6 +50,9 @@ def test_reference_answers_of_both_formats_and_refusals(tmp_path):
     assert gsm8k[0]["answer"] == "7" and gsm8k[0]["question"] == rows["gsm8k"]["question"]
     assert tokenizer.decode(gsm8k[0]["query_token"]) == rebel_math.PROMPT.format(question=rows["gsm8k"]["question"])
     assert rebel_math.load_prompts(args, tokenizer, "test", 0, "eval_dataset")[0]["answer"] == "\\frac{1}{2}"
+    args.dataset = "nosuch/dataset"  # unknown on the hub (or, offline, not in the cache)
+    with pytest.raises(ValueError, match="--dataset nosuch/dataset: "):
+        rebel_math.load_prompts(args, tokenizer, "train", 0)
     args.eval_dataset = str(tmp_path / "bad")
     with pytest.raises(ValueError, match=r"--eval_dataset .*bad \(test\): neither GSM8K's columns \(question, answer\) "
                                          r"nor MATH's \(problem, solution\); found \['question', 'solution'\]"):
@@ -57,10 +60,11 @@ def test_reference_answers_of_both_formats_and_refusals(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_run_resume_and_torchrun(workdir):
+def test_tiny_run_learns_resumes_and_runs_under_torchrun(workdir):
     run_script("rebel_math.py", workdir, "--exp_name", "math_e2e")
     run_dir, metrics = read_metrics(workdir, "math__math_e2e")
     assert [m["update"] for m in metrics] == list(range(21))
+    assert metrics[-1]["eval/accuracy"] > metrics[0]["eval/accuracy"] + 0.25, (metrics[0], metrics[-1])
     for m in [metrics[0], metrics[10], metrics[20]]:
         assert 0 <= m["eval/accuracy"] <= 1 and 0 <= m["eval/truncated_share"] <= 1 and m["eval/response_length"] > 0
     assert metrics[0]["eval/kl"] == pytest.approx(0, abs=1e-4)

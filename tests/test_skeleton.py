@@ -54,6 +54,21 @@ def test_chat_lcm_and_math_share_the_skeletons_words(script, names):
         assert copy[name] == reference[name], f"{script}.{name} differs from rebel_tldr.{name}"
 
 
+MATH_SKELETON = ["PROMPT", "last_boxed", "normalize", "verify", "pad", "generate", "first_eos", "token_logprobs",
+                 "response_logprobs", "sample_and_score", "shard", "shard_from_rank0", "load_policy",
+                 "enable_gradient_checkpointing", "gathered", "load_prompts", "ZERO_ALLOWED", "check_args",
+                 "new_run_dir", "RESUMABLE", "find_checkpoint", "save_checkpoint", "load_checkpoint", "mean_over_ranks",
+                 "evaluate"]
+
+
+@pytest.mark.parametrize("script, own", [("grpo_math", {"sample_and_score"}), ("apo_math", set())])
+def test_the_math_baselines_share_rebel_maths_skeleton(script, own):
+    reference, copy = definitions("rebel_math"), definitions(script)
+    for name in MATH_SKELETON:
+        if name not in own:
+            assert copy.get(name) == reference[name], f"{script}.{name} differs from rebel_math.{name}"
+
+
 def tiny_checkpoint(tmp_path, update, policy, args):
     optimizer = torch.optim.AdamW(policy.parameters(), lr=0.1)
     policy(torch.ones(1, 3)).sum().backward()

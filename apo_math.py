@@ -628,11 +628,11 @@ if __name__ == "__main__":
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
 
-    # A*-PO's stage 1, once before the first update, for the prompts that the run will train on (the loop's shuffles
-    # below); a resumed run reads V* from its checkpoint
+    # A*-PO's stage 1, once before the first update (a resumed run reads V* from its checkpoint), for the prompts that
+    # the run trains on: pass p over the data takes the first `usable` of the loop's p-th shuffle, the last pass fewer
+    episodes = args.num_updates * args.batch_size
     prompts = torch.cat([torch.randperm(len(train_data), generator=torch.Generator().manual_seed(args.seed + p))[
-        : min(usable, args.num_updates * args.batch_size - p * usable)] for p in range(
-        -(-args.num_updates * args.batch_size // usable))]).unique().tolist()
+        : min(usable, episodes - p * usable)] for p in range(-(-episodes // usable))]).unique().tolist()
     v_star = state["v_star"].to(device) if checkpoint_dir else estimate_optimal_values(
         ref_policy, ref_context, tokenizer, train_data, prompts, args, device, autocast, rank)
 

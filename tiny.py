@@ -1,6 +1,7 @@
 """Test scaffolding for `--tiny`: tiny random-weight models of the paper's architectures and small synthetic datasets in
 the real formats, written to disk where missing, so that every script runs its own code path on them, on a CPU, in
 about a minute. Imported by the scripts only under `--tiny`; a copied script runs on real models without it."""
+import contextlib
 import json
 import os
 import random
@@ -14,6 +15,18 @@ def pad_right(sequences):
     width = max(len(s) for s in sequences)
     return (torch.tensor([s + [0] * (width - len(s)) for s in sequences]),
             torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences]))
+
+
+@contextlib.contextmanager
+def two_threads():
+    """At least 2 torch threads for the block where there are 2 cores: the tests run with 1 (a tiny run is a stream of
+    small ops, which threads slow down), but fine-tuning a tiny model on batches of 32 is compute-bound."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_step(model, optimizer, examples, g):
@@ -280,7 +293,7 @@ def judge_pairs(n, seed):
 def write_judge(path):
     """A tiny GPT-NeoX judge at `path` with a word-level tokenizer, trained on the tiny judge rule
     (judge_pairs) in App. H.1.6's format, with and without the comparison sentence, until it agrees with the rule on
-    95 % of validation pairs (about 1,000 steps, a minute on 2 CPU cores)."""
+    95 % of validation pairs (about 1,000 steps, under a minute on 2 CPU cores)."""
     if os.path.exists(f"{path}/tokenizer_config.json"):
         return
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -312,14 +325,16 @@ def write_judge(path):
     a, b = tokenizer.convert_tokens_to_ids(["A", "B"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = random.Random(0)
-    for step in range(1, 3001):
-        train_step(model, optimizer, train, g)
-        if step % 100 == 0:
-            with torch.no_grad():
-                logits = model(**inputs, position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
-            agreement = ((logits[:, a] > logits[:, b]) == torch.tensor([p[3] == "A" for p in validation])).float().mean()
-            if agreement >= 0.95:
-                break
+    with two_threads():
+        for step in range(1, 3001):
+            train_step(model, optimizer, train, g)
+            if step % 100 == 0:
+                with torch.no_grad():
+                    position_ids = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = model(**inputs, position_ids=position_ids).logits[:, -1]
+                agreement = ((logits[:, a] > logits[:, b]) == torch.tensor([p[3] == "A" for p in validation])).float()
+                if agreement.mean() >= 0.95:
+                    break
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
@@ -389,7 +404,8 @@ def write_math(args):
         reply = tokenizer(f" {expression} = {answer}. {final}", add_special_tokens=False).input_ids
         examples.append((prompt + reply + [tokenizer.eos_token_id], [-100] * len(prompt) + reply + [tokenizer.eos_token_id]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(800):
-        train_step(model, optimizer, examples, g)
+    with two_threads():
+        for _ in range(800):
+            train_step(model, optimizer, examples, g)
     model.save_pretrained(args.model)
     tokenizer.save_pretrained(args.model)

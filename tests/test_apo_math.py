@@ -1,5 +1,5 @@
 """apo_math.py: A*-PO's V* and regression by hand, and the script end to end (tiny run that learns, resume with V*
-from the checkpoint, torchrun)."""
+from the checkpoint, full-parameter torchrun with FSDP2)."""
 import glob
 import math
 
@@ -38,7 +38,8 @@ def test_tiny_run_learns_resumes_and_runs_under_torchrun(workdir):
     saved = torch.load(state, weights_only=True)["v_star"]  # what the resumed run read: its metrics match
     estimated = saved[saved.isfinite()]  # for the 3 x 32 prompts that the run trains on, NaN for the others
     assert saved.shape == (1024,) and len(estimated) == 96 and ((0 <= estimated) & (estimated <= 1)).all()
-    run_script("apo_math.py", workdir, "--exp_name", "apo_ddp", "--total_episodes", "64", "--eval_samples", "16",
-               torchrun=True)
-    _, metrics = read_metrics(workdir, "math__apo_ddp")
-    assert [m["update"] for m in metrics] == [0, 1, 2]
+    # full-parameter under torchrun: pi_0 sharded with FSDP2, V* sampled from it with as many generate calls per rank
+    run_script("apo_math.py", workdir, "--exp_name", "apo_fsdp", "--total_episodes", "64", "--eval_samples", "16",
+               "--lora_rank", "0", "--lr", "1e-4", torchrun=True)
+    _, metrics = read_metrics(workdir, "math__apo_fsdp")
+    assert [m["update"] for m in metrics] == [0, 1, 2] and all(0 <= m["apo/v_star"] <= 1 for m in metrics[1:])

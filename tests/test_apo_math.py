@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import apo_math
-from conftest import assert_resume_reproduces, read_metrics, run_script
+from conftest import assert_resume_reproduces, assert_tiny_math_run_learns, read_metrics, run_script
 
 
 def test_optimal_values_by_hand():
@@ -28,11 +28,8 @@ def test_apo_loss_by_hand():
 
 @pytest.mark.slow
 def test_tiny_run_learns_resumes_and_runs_under_torchrun(workdir):
-    run_script("apo_math.py", workdir, "--exp_name", "apo_e2e")
-    _, metrics = read_metrics(workdir, "math__apo_e2e")
-    assert [m["update"] for m in metrics] == list(range(21))
-    assert metrics[-1]["eval/accuracy"] > metrics[0]["eval/accuracy"] + 0.25, (metrics[0], metrics[-1])
-    assert all(0 <= m["apo/v_star"] <= 1 for m in metrics[1:])  # V* of 0/1 rewards: between their mean and max
+    _, metrics = assert_tiny_math_run_learns("apo_math.py", workdir, "apo_e2e", {"apo/loss", "apo/v_star"})
+    assert all(0 <= m["apo/v_star"] <= 1 for m in metrics[1:])  # no NaN: V* exists for every prompt trained on
     _, _, run_dir = assert_resume_reproduces("apo_math.py", workdir, "apo_resume", task="math")
     (state,) = glob.glob(f"{run_dir}/checkpoint*/state.pt")
     saved = torch.load(state, weights_only=True)["v_star"]  # what the resumed run read: its metrics match

@@ -704,4 +704,5 @@ if __name__ == "__main__":
             wandb.finish()
     if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
         dist.barrier()
+        del policy  # DDP freed before the process group: freed at interpreter exit instead, gloo may abort (SIGABRT)
         dist.destroy_process_group()

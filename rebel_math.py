@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Optional
 
 import torch
@@ -136,40 +137,43 @@ PROMPT = "{question} Let's think step by step and output the final answer within
 
 
 def last_boxed(text):
-    """What the last \\boxed{...} of `text` holds (nested braces balanced), or None."""
-    start = text.rfind("\\boxed{")
-    depth = 0
-    for end in range(start + len("\\boxed"), len(text) if start >= 0 else 0):
+    """What the last \\boxed{...} of `text` holds (nested braces balanced), or the token after a last "\\boxed " (a few
+    MATH solutions end "$\\boxed 2$"); None if there is neither."""
+    boxes = list(re.finditer(r"\\boxed(?:\{| +([^\s$]+))", text))
+    if not boxes or boxes[-1].group(1):
+        return boxes[-1].group(1) if boxes else None
+    depth = 1
+    for end in range(boxes[-1].end(), len(text)):
         depth += {"{": 1, "}": -1}.get(text[end], 0)
         if depth == 0:
-            return text[start + len("\\boxed{"): end]
+            return text[boxes[-1].end(): end]
     return None
 
 
 def normalize(answer):
-    """An answer in a canonical form: spaces, $, \\left, \\right and a final period dropped, \\dfrac and \\tfrac
-    read as \\frac; a number, written with thousands separators or not, as its value ("1,234.50" and "1234.5" alike),
-    and so a \\frac of two integers ("\\frac{1}{2}", "\\frac12" and "0.5" alike)."""
+    """An answer in a canonical form: spaces, \\$, $, \\left, \\right and a final period dropped, \\dfrac and \\tfrac
+    read as \\frac; a number, written with thousands separators or not, as its exact value ("1,234.50" and "1234.5"
+    alike), and so a \\frac of two integers ("\\frac{1}{2}", "\\frac12" and "0.5" alike)."""
     answer = answer.replace("\u2212", "-")  # the unicode minus sign
-    for text in [" ", "$", "\\left", "\\right", "\\!"]:
+    for text in [" ", "\\$", "$", "\\left", "\\right", "\\!"]:
         answer = answer.replace(text, "")
     answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?", answer):
         answer = answer.replace(",", "")
-    if fraction := re.fullmatch(r"([-+]?)\\frac\{?(\d+)\}?\{?(\d+)\}?", answer):
-        sign, numerator, denominator = fraction.groups()
-        answer = f"{sign}{int(numerator) / int(denominator)}" if int(denominator) else answer
+    if fraction := re.fullmatch(r"([-+]?)\\frac(?:\{(-?\d+)\}|(\d))(?:\{(\d+)\}|(\d))", answer):  # one digit unbraced
+        sign, *parts = fraction.groups()
+        answer = sign + "/".join(part for part in parts if part is not None)
     try:
-        return f"{float(answer):.10g}"
-    except ValueError:
+        return str(Fraction(answer))
+    except (ValueError, ZeroDivisionError):
         return answer
 
 
 def verify(response, answer):
     """The verifier's reward: 1.0 when the response's final answer, its last \\boxed{}, equals the reference answer
-    once both are normalized; 0.0 otherwise, also when it has none."""
-    found = last_boxed(response)
-    return float(found is not None and normalize(found) == normalize(answer))
+    once both are normalized; 0.0 otherwise, also when it has none or an empty one."""
+    found = normalize(last_boxed(response) or "")
+    return float(found != "" and found == normalize(answer))
 
 
 def pad(sequences, pad_id, device, left=True):
@@ -345,11 +349,13 @@ def load_prompts(args, tokenizer, split, rank, flag="dataset"):
 
     dataset = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names)
     n = len(dataset)
-    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length)
+    dataset = dataset.filter(lambda x: len(x["query_token"]) <= query_length and x["answer"] != "")
     if len(dataset) == 0:
-        raise ValueError(f"--{flag} {name}: no {split} prompt of at most --query_length {query_length} tokens")
+        raise ValueError(f"--{flag} {name}: no {split} problem with a reference answer and a prompt of at most "
+                         f"--query_length {query_length} tokens")
     if rank == 0 and len(dataset) < n:
-        print(f"{split}: dropped {n - len(dataset)} of {n} prompts longer than --query_length {args.query_length}")
+        print(f"{split}: dropped {n - len(dataset)} of {n} problems without a reference answer or with a prompt longer "
+              f"than --query_length {args.query_length}")
     return dataset
 
 

@@ -23,10 +23,16 @@ from conftest import assert_resume_reproduces, assert_tiny_math_run_learns, read
     ("\\boxed{7.}", "7", 1.0),  # a trailing period
     ("\\boxed{7.0}", "7", 1.0),
     ("\\boxed{$7$}", "7", 1.0),
+    ("\\boxed{\\$18.90}", "18.9", 1.0),  # an escaped dollar sign
+    ("so it is $\\boxed 2$.", "2", 1.0),  # the brace-less form of a few MATH solutions
+    ("\\boxed{12345678901}", "12345678902", 0.0),  # numbers compared exactly
+    ("\\boxed{\\frac{-1}{2}}", "-0.5", 1.0),
+    ("\\boxed{\\frac123}", "4", 0.0),  # LaTeX's \frac{1}{2}3, not 12/3
     ("\\boxed{3}, no: \\boxed{4}", "4", 1.0),  # several boxed answers: the last counts
     ("\\boxed{3}, no: \\boxed{4}", "3", 0.0),
     ("the answer is 7", "7", 0.0),  # none at all
     ("\\boxed{7", "7", 0.0),  # unclosed
+    ("within \\boxed{}.", "", 0.0),  # an empty box is no answer, whatever the reference
     ("\\boxed{x^{2} + 1}", "x^{2}+1", 1.0),  # not a number: compared as normalized text
     ("\\boxed{x^{2} + 2}", "x^{2}+1", 0.0),
 ])
@@ -38,18 +44,20 @@ def test_reference_answers_of_both_formats_and_refusals(tmp_path):
     from transformers import ByT5Tokenizer
     tokenizer = ByT5Tokenizer()
     rows = {"gsm8k": {"question": "Tom has 3 pens and gets 4. How many?", "answer": "3+4 = <<3+4=7>>7\n#### 7"},
-            "math": {"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+            "math": [{"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
+                     {"problem": "One and one?", "solution": "It is $\\boxed 2$."},
+                     {"problem": "Why?", "solution": "No boxed answer: dropped."}],
             "bad": {"question": "Tom has 3 pens?", "solution": "7"}}
     for name, row in rows.items():
         (tmp_path / name).mkdir()
         for split in ["train", "test"]:
             with open(tmp_path / name / f"{split}.jsonl", "w") as f:
-                f.write(json.dumps(row) + "\n")
+                f.writelines(json.dumps(r) + "\n" for r in (row if isinstance(row, list) else [row]))
     args = rebel_math.Args(dataset=str(tmp_path / "gsm8k"), dataset_config=None, eval_dataset=str(tmp_path / "math"))
     gsm8k = rebel_math.load_prompts(args, tokenizer, "train", 0)
     assert gsm8k[0]["answer"] == "7" and gsm8k[0]["question"] == rows["gsm8k"]["question"]
     assert tokenizer.decode(gsm8k[0]["query_token"]) == rebel_math.PROMPT.format(question=rows["gsm8k"]["question"])
-    assert rebel_math.load_prompts(args, tokenizer, "test", 0, "eval_dataset")[0]["answer"] == "\\frac{1}{2}"
+    assert rebel_math.load_prompts(args, tokenizer, "test", 0, "eval_dataset")["answer"] == ["\\frac{1}{2}", "2"]
     args.dataset = "nosuch/dataset"  # unknown on the hub (or, offline, not in the cache)
     with pytest.raises(ValueError, match="--dataset nosuch/dataset: "):
         rebel_math.load_prompts(args, tokenizer, "train", 0)

@@ -190,10 +190,11 @@ def pad(sequences, pad_id, device, left=True):
 
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
-    until all are done (synced_gpus): the all-gathers need as many forward passes on every rank."""
+    until all are done (synced_gpus): the all-gathers need as many forward passes on every rank. Sampled from pi at
+    `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's generation_config."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
-                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
                                      eos_token_id=args.eos_token_id, pad_token_id=args.pad_token_id,
                                      synced_gpus=isinstance(model, FSDPModule))
     query_responses = F.pad(query_responses, (0, queries.shape[1] + args.response_length - query_responses.shape[1]),

@@ -144,7 +144,7 @@ PROMPT = "{question} Let's think step by step and output the final answer within
 def last_boxed(text):
     """What the last \\boxed{...} of `text` holds (nested braces balanced), or the token after a last "\\boxed " (a few
     MATH solutions end "$\\boxed 2$"); None if there is neither."""
-    boxes = list(re.finditer(r"\\boxed(?:\{| +([^\s$]+))", text))
+    boxes = list(re.finditer(r"\\boxed(?: *\{| +([^\s${]+))", text))
     if not boxes or boxes[-1].group(1):
         return boxes[-1].group(1) if boxes else None
     depth = 1

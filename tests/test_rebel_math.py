@@ -25,6 +25,7 @@ from conftest import assert_resume_reproduces, assert_tiny_math_run_learns, read
     ("\\boxed{$7$}", "7", 1.0),
     ("\\boxed{\\$18.90}", "18.9", 1.0),  # an escaped dollar sign
     ("so it is $\\boxed 2$.", "2", 1.0),  # the brace-less form of a few MATH solutions
+    ("\\boxed {7}", "7", 1.0),
     ("\\boxed{12345678901}", "12345678902", 0.0),  # numbers compared exactly
     ("\\boxed{\\frac{-1}{2}}", "-0.5", 1.0),
     ("\\boxed{\\frac123}", "4", 0.0),  # LaTeX's \frac{1}{2}3, not 12/3

@@ -74,11 +74,13 @@ def judge_input(tokenizer, post, summary_a, summary_b):
 
 
 def verdict_tokens(tokenizer):
-    """The tokens that say A and B after "Preferred:", and the text between (" " for a byte-level tokenizer, "" where
-    " A" is one token): the first tokens at which "Preferred: A" and "Preferred: B" differ."""
+    """The tokens that say A and B after "Preferred:", and the text between (" " for a tokenizer of single bytes, ""
+    where " A" is one token, as in BPE): the first tokens at which "Preferred: A" and "Preferred: B" differ."""
     a, b = (tokenizer(f"{VERDICT} {x}", add_special_tokens=False).input_ids for x in "AB")
     prefix = tokenizer(VERDICT, add_special_tokens=False).input_ids
-    first = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+    if first is None:
+        raise ValueError(f"--judge_model: its tokenizer reads '{VERDICT} A' and '{VERDICT} B' as the same tokens")
     if a[:len(prefix)] != prefix or first < len(prefix):
         raise ValueError(f"--judge_model: its tokenizer splits '{VERDICT} A' unlike '{VERDICT}' and 'A'")
     return tokenizer.decode(a[len(prefix):first]), a[first], b[first]
@@ -108,7 +110,7 @@ def verdict_contexts(model, tokenizer, inputs, args, device):
         batch = tokenizer(inputs[i: i + args.batch_size], add_special_tokens=False, padding=True,
                           return_tensors="pt").to(device)
         out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False, top_p=None, top_k=None,
-                             temperature=None, pad_token_id=tokenizer.pad_token_id)
+                             temperature=None, repetition_penalty=1.0, pad_token_id=tokenizer.pad_token_id)
         for x, reply in zip(inputs[i: i + args.batch_size], tokenizer.batch_decode(
                 out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)):
             if found := re.search(r"Preferred\s*:", reply):
@@ -185,6 +187,8 @@ if __name__ == "__main__":
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":  # all_gather_object sends through the current device
+        torch.cuda.set_device(device)
     if args.tiny and rank == 0:
         import tiny  # test scaffolding, next to this file
         tiny.write_judge(args.judge_model)
@@ -196,6 +200,8 @@ if __name__ == "__main__":
     if args.judge_model.startswith((".", "/", "~")) and not os.path.exists(args.judge_model):
         raise FileNotFoundError(f"--judge_model {args.judge_model}: no such local folder")
     work = comparisons(args)
+    if few := [file for file, *_, rows in work if len(rows) < world_size]:
+        raise ValueError(f"{', '.join(few)}: fewer prompts than the {world_size} processes that share them")
 
     tokenizer = AutoTokenizer.from_pretrained(args.judge_model, padding_side="left",
                                               trust_remote_code=args.trust_remote_code)

@@ -225,7 +225,7 @@ def rebel_loss(logprobs, old_logprobs, rewards, eta):
 def spo_rewards(p, binary):
     """r_t(x, y) = l(x, y, y'') = 2 P(y > y''|x) - 1 (Eq. 12) with y'' ~ pi_t: a sample whose mean over y'' is
     Swamy et al.'s reward l(x, y, pi_t), so Eq. (1) on r_t(y) - r_t(y') is D.2's regression. With binary feedback,
-    2o - 1 for o ~ Bernoulli(P), of the same mean (D.2 writes o - o': the same target halved)."""
+    2o - 1 for o ~ Bernoulli(P), of the same mean (D.2's o_{y,y''} - o_{y',y''} is the same target halved)."""
     return 2 * (torch.bernoulli(p) if binary else p) - 1
 
 
@@ -257,11 +257,13 @@ def judge_input(tokenizer, post, summary_a, summary_b):
 
 
 def verdict_tokens(tokenizer):
-    """The tokens that say A and B after "Preferred:", and the text between (" " for a byte-level tokenizer, "" where
-    " A" is one token): the first tokens at which "Preferred: A" and "Preferred: B" differ."""
+    """The tokens that say A and B after "Preferred:", and the text between (" " for a tokenizer of single bytes, ""
+    where " A" is one token, as in BPE): the first tokens at which "Preferred: A" and "Preferred: B" differ."""
     a, b = (tokenizer(f"{VERDICT} {x}", add_special_tokens=False).input_ids for x in "AB")
     prefix = tokenizer(VERDICT, add_special_tokens=False).input_ids
-    first = next(i for i in range(min(len(a), len(b))) if a[i] != b[i])
+    first = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), None)
+    if first is None:
+        raise ValueError(f"--preference_model: its tokenizer reads '{VERDICT} A' and '{VERDICT} B' as the same tokens")
     if a[:len(prefix)] != prefix or first < len(prefix):
         raise ValueError(f"--preference_model: its tokenizer splits '{VERDICT} A' unlike '{VERDICT}' and 'A'")
     return tokenizer.decode(a[len(prefix):first]), a[first], b[first]
@@ -754,7 +756,8 @@ if __name__ == "__main__":
 
         # 4. Log (means over ranks; one synchronisation per update), evaluate, checkpoint
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
-            "objective/scores": scores.mean(), "objective/kl": kl.mean(), "objective/rewards": rewards.mean(),
+            "objective/scores": scores.mean(), "objective/kl": kl.mean(),
+            "objective/rewards": rewards.view(-1, 3)[:, :2].mean(),  # the regression's rows y and y', not y''
             "spo/target_abs": (judged[0::3] - judged[1::3]).abs().mean(),
             "spo/order_disagreement": same_position.float().mean(),
             "objective/eos_share": rollout["contains_eos"].float().mean(), "rebel/loss": stats["loss"].mean(),

@@ -488,6 +488,8 @@ def check_args(args):
         if name.endswith(("model", "dataset")) and isinstance(value, str) and not os.path.exists(value) and (
                 value.startswith((".", "/", "~")) or value.count("/") > 1):  # a hub ID is "name" or "owner/name"
             raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
+    if args.num_samples < 2:
+        raise ValueError(f"--num_samples {args.num_samples}: a pair needs at least 2 responses per prompt")
 
 
 def new_run_dir(name):
@@ -843,7 +845,7 @@ if __name__ == "__main__":
         metrics = {"update": update, "episode": episode, **mean_over_ranks({
             "objective/scores": rollout["scores"].mean(),
             **({"objective/kl": rollout["kl"].mean()} if ref_policy is not None else {}),
-            "objective/rewards": rollout["rewards"].mean(),
+            "objective/rewards": rewards.mean(),  # the pairs' (the regression's rows), not all N samples'
             "objective/eos_share": rollout["contains_eos"].float().mean(),
             "objective/response_length": rollout["lengths"].mean(), "objective/tied_share": (gaps == 0).float().mean(),
             "objective/reward_gap": gaps.abs().mean(), "objective/dropped_share": 1 - trained_on.float().mean(),

@@ -269,6 +269,8 @@ def check_args(args):
         if (file or name.endswith("model")) and isinstance(value, str) and not os.path.exists(value) and (
                 file or value.startswith((".", "/", "~")) or value.count("/") > 1):
             raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
+    if args.num_steps < 2:  # the last step is not trained (as in the released code): one step leaves nothing
+        raise ValueError(f"--num_steps {args.num_steps}: the last sampling step is not trained, so at least 2")
 
 
 def new_run_dir(name):
@@ -539,7 +541,7 @@ if __name__ == "__main__":
         # 4. Log (means over ranks), evaluate at the end of every `eval_every` epochs, checkpoint
         metrics = {"update": update, "epoch": update / args.batches_per_epoch,
                    "reward_queries": update * args.world_size * len(scores), **mean_over_ranks({
-                       "objective/scores": scores.mean(), "objective/scores_std": scores.std(),
+                       "objective/scores": scores.mean(), "objective/scores_std": all_scores.std(correction=0),
                        "rebel/loss": losses.mean(), "train/grad_norm": grad_norm.to(device)}),
                    "lr": optimizer.param_groups[0]["lr"], "time/sampling_s": sampling_time,
                    "time/training_s": training_time, "time/sampling_images_per_s": len(scores) / sampling_time,

@@ -475,5 +475,7 @@ def test_bad_flags_are_named_and_meaningful_zeros_pass():
         rebel_chat.check_args(rebel_chat.Args(per_device_train_batch_size=0))
     with pytest.raises(FileNotFoundError, match="--reward_model /no/such/rm: no such local file or folder"):
         rebel_chat.check_args(rebel_chat.Args(reward_model="/no/such/rm"))
+    with pytest.raises(ValueError, match="--num_samples 1: a pair needs at least 2 responses per prompt"):
+        rebel_chat.check_args(rebel_chat.Args(num_samples=1))
     # 0 means the whole split, the whole batch, no KL term, all layers trained (Section 5.2.1)
     rebel_chat.check_args(rebel_chat.Args(batch_size=0, minibatch_size=0, kl_coef=0.0, num_layers_unfrozen=0))

@@ -220,6 +220,14 @@ def test_a_kill_at_any_step_of_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp
     assert (1, True) in outcomes  # killed between the renames: the previous checkpoint, from checkpoint.old
 
 
+def test_one_sampling_step_is_refused_naming_the_flag(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default model and head are hub IDs or absent: only the step count is wrong
+    args = rebel_lcm.Args(aesthetic_head_path=__file__, num_steps=1)
+    with pytest.raises(ValueError, match="--num_steps 1: the last sampling step is not trained, so at least 2"):
+        rebel_lcm.check_args(args)
+    rebel_lcm.check_args(dataclasses.replace(args, num_steps=2))
+
+
 def test_weights_or_settings_that_do_not_fit_are_refused(tmp_path):
     path = str(tmp_path / "checkpoint")
     args = rebel_lcm.Args()

@@ -145,13 +145,15 @@ def last_boxed(text):
     """What the last \\boxed{...} of `text` holds (nested braces balanced), or the token after a last "\\boxed " (a few
     MATH solutions end "$\\boxed 2$"); None if there is neither."""
     boxes = list(re.finditer(r"\\boxed(?: *\{| +([^\s${]+))", text))
-    if not boxes or boxes[-1].group(1):
-        return boxes[-1].group(1) if boxes else None
-    depth = 1
-    for end in range(boxes[-1].end(), len(text)):
+    if not boxes:
+        return None
+    if boxes[-1].group(1):  # the brace-less "\boxed 2"
+        return boxes[-1].group(1)
+    start, depth = boxes[-1].end(), 1
+    for end in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[end], 0)
         if depth == 0:
-            return text[boxes[-1].end(): end]
+            return text[start: end]
     return None
 
 
@@ -757,5 +759,5 @@ if __name__ == "__main__":
             wandb.finish()
     if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
         dist.barrier()
-        del policy  # DDP freed before the process group: freed at interpreter exit instead, gloo may abort (SIGABRT)
+        del policy  # DDP goes before the process group: left to interpreter exit, it can make gloo abort
         dist.destroy_process_group()

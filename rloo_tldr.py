@@ -721,5 +721,5 @@ if __name__ == "__main__":
             wandb.finish()
     if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
         dist.barrier()
-        del policy  # DDP freed before the process group: freed at interpreter exit instead, gloo may abort (SIGABRT)
+        del policy  # DDP goes before the process group: left to interpreter exit, it can make gloo abort
         dist.destroy_process_group()

@@ -102,11 +102,6 @@ def test_a_samples_file_without_the_needed_columns_is_refused_naming_them(tmp_pa
     assert work[0][1] == str(tmp_path / "other_judge_vs_") + tmp_path.name  # beside the file, named for the other run
 
 
-def rows_of(path):
-    with open(path, newline="") as f:
-        return list(csv.reader(f))
-
-
 def test_a_tokenizer_that_reads_a_and_b_alike_is_refused():
     class OneUnknownToken(ByT5Tokenizer):  # A and B are the same unknown token
         def __call__(self, text, **kwargs):
@@ -156,7 +151,7 @@ def test_tiny_end_to_end_both_modes_head_to_head_and_torchrun(workdir, tiny_judg
                f"{workdir}/two_ranks", torchrun=True)
     with open(f"{workdir}/two_ranks.json") as f:
         assert json.load(f)["win_rate"] == pytest.approx(summaries["--no-reasoning"]["win_rate"], abs=1e-6)
-    with open(f"{workdir}/one.csv", "w", newline="") as f:  # one prompt for two processes
-        csv.writer(f).writerows(rows_of(f"{run_dir}/samples_update2.csv")[:2])
+    with open(f"{run_dir}/samples_update2.csv", newline="") as f, open(f"{workdir}/one.csv", "w", newline="") as g:
+        csv.writer(g).writerows(list(csv.reader(f))[:2])  # the header and one prompt, for two processes
     proc = run_script("judge_tldr.py", workdir, "--samples", f"{workdir}/one.csv", torchrun=True, check=False)
     assert proc.returncode != 0 and "one.csv: fewer prompts than the 2 processes that share them" in proc.stderr

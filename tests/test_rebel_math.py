@@ -44,20 +44,20 @@ def test_the_verifier(response, reference, reward):
 def test_reference_answers_of_both_formats_and_refusals(tmp_path):
     from transformers import ByT5Tokenizer
     tokenizer = ByT5Tokenizer()
-    rows = {"gsm8k": {"question": "Tom has 3 pens and gets 4. How many?", "answer": "3+4 = <<3+4=7>>7\n#### 7"},
+    rows = {"gsm8k": [{"question": "Tom has 3 pens and gets 4. How many?", "answer": "3+4 = <<3+4=7>>7\n#### 7"}],
             "math": [{"problem": "Half of 1?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
                      {"problem": "One and one?", "solution": "It is $\\boxed 2$."},
                      {"problem": "Why?", "solution": "No boxed answer: dropped."}],
-            "bad": {"question": "Tom has 3 pens?", "solution": "7"}}
+            "bad": [{"question": "Tom has 3 pens?", "solution": "7"}]}
     for name, row in rows.items():
         (tmp_path / name).mkdir()
         for split in ["train", "test"]:
             with open(tmp_path / name / f"{split}.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in (row if isinstance(row, list) else [row]))
+                f.writelines(json.dumps(r) + "\n" for r in row)
     args = rebel_math.Args(dataset=str(tmp_path / "gsm8k"), dataset_config=None, eval_dataset=str(tmp_path / "math"))
     gsm8k = rebel_math.load_prompts(args, tokenizer, "train", 0)
-    assert gsm8k[0]["answer"] == "7" and gsm8k[0]["question"] == rows["gsm8k"]["question"]
-    assert tokenizer.decode(gsm8k[0]["query_token"]) == rebel_math.PROMPT.format(question=rows["gsm8k"]["question"])
+    assert gsm8k[0]["answer"] == "7" and gsm8k[0]["question"] == rows["gsm8k"][0]["question"]
+    assert tokenizer.decode(gsm8k[0]["query_token"]) == rebel_math.PROMPT.format(question=rows["gsm8k"][0]["question"])
     assert rebel_math.load_prompts(args, tokenizer, "test", 0, "eval_dataset")["answer"] == ["\\frac{1}{2}", "2"]
     args.dataset = "nosuch/dataset"  # unknown on the hub (or, offline, not in the cache)
     with pytest.raises(ValueError, match="--dataset nosuch/dataset: "):

@@ -95,10 +95,9 @@ def test_generation_stops_early_with_the_same_tokens():
     assert attention_mask.shape == (32, 37) and attention_mask[:, 7:].all()
 
 
-
 def test_sampling_ignores_the_checkpoints_generation_settings():
     """Responses come from pi at the given temperature: top-k, top-p and a repetition penalty in the checkpoint's
-    generation_config (Qwen2.5-Instruct ships 20, 0.8 and 1.1) change no token drawn from the same seed."""
+    generation_config (instruction-tuned checkpoints ship such settings) change no token drawn from the same seed."""
     class Args:
         response_length, eos_token_id, pad_token_id = 12, 1, 0
     model, queries = tiny_policy(), torch.randint(2, 300, (4, 7))
@@ -110,6 +109,7 @@ def test_sampling_ignores_the_checkpoints_generation_settings():
         torch.manual_seed(3)
         samples.append(rebel_tldr.generate(model, queries, torch.ones_like(queries), 8, Args, 0.7)[0])
     assert torch.equal(*samples)
+
 
 def test_exact_rebel_is_mirror_descent():
     """Solving Eq. (1) exactly over all pairs of a tabular policy gives pi_t+1 ∝ pi_t exp(eta r) (Eq. 3)."""

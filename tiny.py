@@ -19,10 +19,12 @@ def pad_right(sequences):
 
 @contextlib.contextmanager
 def two_threads():
-    """At least 2 torch threads for the block where there are 2 cores: the tests run with 1 (a tiny run is a stream of
-    small ops, which threads slow down), but fine-tuning a tiny model on batches of 32 is compute-bound."""
+    """At least 2 torch threads for the block where there are 2 cores (per pytest worker): the tests run with 1 (a tiny
+    run is a stream of small ops, which threads slow down), but fine-tuning a tiny model on batches of 32 is
+    compute-bound."""
     before = torch.get_num_threads()
-    torch.set_num_threads(max(before, min(2, os.cpu_count() or 1)))
+    cores = (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    torch.set_num_threads(max(before, min(2, cores)))
     try:
         yield
     finally:

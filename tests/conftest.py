@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
-    """One folder for the TL;DR scripts' runs, so that their shared tiny models and data (runs/tiny) are written once."""
+    """One folder for the TL;DR scripts' runs, so that their shared tiny models and data (runs/tiny) are written once
+    per worker."""
     return tmp_path_factory.mktemp("runs")
 
 
@@ -190,9 +191,14 @@ def assert_tiny_math_run_learns(script, workdir, name, keys):
     return run_dir, metrics
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: an end-to-end run of a script (tiny models) or a torchrun launch; "
-                                       "`-m 'not slow'` runs the specification alone")
+# pytest.ini runs the suite in two workers: test files that share tiny assets go to the same one, which writes them once
+SHARED_ASSETS = {"test_judge_tldr": "judge", "test_rebel_spo_tldr": "judge", "test_rebel_math": "math",
+                 "test_grpo_math": "math", "test_apo_math": "math"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(SHARED_ASSETS.get(item.module.__name__, item.module.__name__)))
 
 
 def save_killed_at(save, module, kill_at, monkeypatch):

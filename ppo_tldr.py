@@ -1,6 +1,5 @@
-# PPO on TL;DR summarization, the baseline of REBEL (Gao et al., NeurIPS 2024), Section 5.1, Table 1, Fig. 2 and
-# Appendix H.1.3-H.1.5, as in summarize_from_feedback_details' ppo.py (Huang et al., 2024). A copy of rebel_tldr.py in
-# which only the algorithm differs: `diff rebel_tldr.py ppo_tldr.py`.
+# PPO on TL;DR, REBEL's baseline (Gao et al., NeurIPS 2024, Section 5.1, Table 1, App. H.1.3-H.1.5), as in the ppo.py of
+# summarize_from_feedback_details (Huang et al., 2024). rebel_tldr.py with another algorithm: `diff` the two.
 #   python ppo_tldr.py --tiny                                    # tiny random models, CPU, about a minute
 #   torchrun --nproc_per_node 8 ppo_tldr.py                      # the paper's 2.8B run
 import contextlib
@@ -103,8 +102,7 @@ class Args:
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     lora_rank: int = 1024
-    """LoRA rank of the policy and of the value network (paper: 1024 for 1.4B/2.8B); 0 trains all parameters of both
-    (paper: 6.9B), sharded with FSDP2 under torchrun"""
+    """LoRA rank of the policy and the value network (paper: 1024 for 1.4B/2.8B); 0 trains all of both (6.9B), FSDP2"""
     lora_alpha: int = 2048
     """LoRA alpha"""
     gradient_checkpointing: bool = False
@@ -215,7 +213,7 @@ def sample_and_score(model, ref_policy, ref_context, reward_model, queries, quer
     contains_eos = eos_index < args.response_length
     scores = torch.where(contains_eos, scores, args.penalty_reward_value)
     return dict(query_responses=query_responses, attention_mask=attention_mask, response_mask=response_mask,
-                contains_eos=contains_eos, scores=scores, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0],  # per token
+                contains_eos=contains_eos, logprobs=logprobs[0], ref_logprobs=ref_logprobs[0], scores=scores,
                 kl=(logprobs[0] - ref_logprobs[0]).sum(1), kl_at_sample_temperature=(logprobs[-1] - ref_logprobs[-1]).sum(1))
 
 
@@ -585,9 +583,9 @@ if __name__ == "__main__":
     torch.manual_seed(args.seed + rank)
     shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
 
-    # models: the policy pi_theta, the reference pi_0, the reward model and the value network initialised from it
-    # (App. H.1.3); eval() mode turns dropout off. `raw_policy` is the policy itself, for generate and the no-grad
-    # passes; `policy` the policy and the value network as trained (DDP or FSDP2)
+    # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off. `raw_policy`
+    # is the policy itself, for generate and the no-grad passes; `policy` the policy and the value network (initialised
+    # from the reward model, App. H.1.3) as trained (DDP or FSDP2)
     lora = args.lora_rank > 0
     fsdp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if distributed and not lora \
         else None  # full-parameter training under torchrun: the policy and pi_0 sharded with FSDP2
@@ -722,7 +720,7 @@ if __name__ == "__main__":
                             stats[key][at] = value
                         stats["approxkl"][at] = 0.5 * masked_mean((new_logprobs - logprobs[seqs]).pow(2), response_masks[seqs])
                         if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
-                            stats["entropy"][at] = masked_mean(entropy, response_masks[seqs])
+                            stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
                 grad_norms[epoch, minibatch] = grad_norm

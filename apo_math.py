@@ -578,8 +578,10 @@ if __name__ == "__main__":
         raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
     checkpoint_dir = find_checkpoint(args.resume_from, args) if args.resume_from else None
 
-    torch.manual_seed(args.seed + rank)
-    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+    # every stream is seeded 100,003 (a prime) apart, as in summarize_from_feedback_details and the released REBEL
+    # code: rank r's here, pass p's data order in the loop; runs whose seeds differ by less than that share none
+    torch.manual_seed(args.seed + 100_003 * rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + 100_003 * rank)
 
     # models: the policy pi_theta and the reference pi_0; eval() mode turns dropout off. `raw_policy`
     # is the model itself, for generate and the no-grad passes; `policy` the same model as trained (DDP or FSDP2)
@@ -640,7 +642,7 @@ if __name__ == "__main__":
     # A*-PO's stage 1, once before the first update (a resumed run reads V* from its checkpoint), for the prompts that
     # the run trains on: pass p over the data takes the first `usable` of the loop's p-th shuffle, the last pass fewer
     episodes = args.num_updates * args.batch_size
-    prompts = torch.cat([torch.randperm(len(train_data), generator=torch.Generator().manual_seed(args.seed + p))[
+    prompts = torch.cat([torch.randperm(len(train_data), generator=torch.Generator().manual_seed(args.seed + 100_003 * p))[
         : min(usable, episodes - p * usable)] for p in range(-(-episodes // usable))]).unique().tolist()
     v_star = state["v_star"].to(device) if checkpoint_dir else estimate_optimal_values(
         ref_policy, ref_context, tokenizer, train_data, prompts, args, device, autocast, rank)
@@ -660,7 +662,7 @@ if __name__ == "__main__":
         # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
         start = (update - 1) * args.batch_size % usable
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
-            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+            args.seed + 100_003 * ((update - 1) * args.batch_size // usable)))[:usable]
         indices = order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size]
         batch, values = train_data[indices.tolist()], v_star[indices.to(device)]
         queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)

@@ -580,8 +580,10 @@ if __name__ == "__main__":
         raise ValueError(f"the train split holds {len(train_data)} prompts, fewer than --batch_size {args.batch_size}")
     checkpoint_dir = find_checkpoint(args.resume_from, args) if args.resume_from else None
 
-    torch.manual_seed(args.seed + rank)
-    shuffle_generator = torch.Generator().manual_seed(args.seed + rank)
+    # every stream is seeded 100,003 (a prime) apart, as in summarize_from_feedback_details and the released REBEL
+    # code: rank r's here, pass p's data order in the loop; runs whose seeds differ by less than that share none
+    torch.manual_seed(args.seed + 100_003 * rank)
+    shuffle_generator = torch.Generator().manual_seed(args.seed + 100_003 * rank)
 
     # models: the policy pi_theta, the reference pi_0 and the reward model; eval() mode turns dropout off. `raw_policy`
     # is the policy itself, for generate and the no-grad passes; `policy` the policy and the value network (initialised
@@ -667,7 +669,7 @@ if __name__ == "__main__":
         # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
         start = (update - 1) * args.batch_size % usable
         order = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
-            args.seed + (update - 1) * args.batch_size // usable))[:usable]
+            args.seed + 100_003 * ((update - 1) * args.batch_size // usable)))[:usable]
         batch = train_data[order[start + rank * args.local_batch_size: start + (rank + 1) * args.local_batch_size].tolist()]
         queries, query_mask = pad(batch["query_token"], args.pad_token_id, device)
         context_length = queries.shape[1]

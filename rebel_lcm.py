@@ -423,7 +423,8 @@ if __name__ == "__main__":
     if device.type == "cpu":  # denormal floats make small random models several times slower on CPU
         torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
-    generator = torch.Generator().manual_seed(args.seed + rank)  # this rank's prompts and sampling noise
+    # this rank's prompts and sampling noise, 100,003 (a prime) apart: runs whose seeds differ by less share none
+    generator = torch.Generator().manual_seed(args.seed + 100_003 * rank)
 
     # models: the LCM pipeline pi_theta (LoRA on the UNet's attention, everything else frozen) and the reward model
     pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model, torch_dtype=frozen_dtype, safety_checker=None,

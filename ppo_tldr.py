@@ -102,7 +102,7 @@ class Args:
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     lora_rank: int = 1024
-    """LoRA rank of the policy and the value network (paper: 1024 for 1.4B/2.8B); 0 trains all of both (6.9B), FSDP2"""
+    """LoRA rank of the policy and the value network (paper: 1024 for 1.4B/2.8B); 0 trains all of both (paper: 6.9B)"""
     lora_alpha: int = 2048
     """LoRA alpha"""
     gradient_checkpointing: bool = False

@@ -25,16 +25,19 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory):
-    """One folder for the TL;DR scripts' runs, so that their shared tiny models and data (runs/tiny) are written once
-    per worker."""
-    return tmp_path_factory.mktemp("runs")
+    """One folder for the scripts' runs, shared by pytest's workers, so that the tiny models and data (runs/tiny) are
+    written once (tiny.one_writer)."""
+    path = tmp_path_factory.getbasetemp().parent / "runs" if "PYTEST_XDIST_WORKER" in os.environ else \
+        tmp_path_factory.mktemp("runs")
+    path.mkdir(exist_ok=True)
+    return path
 
 
 # Every script imports torch, transformers, peft or diffusers: 5-7 s of a tiny run on 2 cores, paid by each of the
 # suite's ~35 single-process runs. Those runs are forked from one process that has imported these libraries once
 # (with this file's environment), and run there as `python SCRIPT FLAGS` runs them (forked_run.py): as __main__, with
 # their own argv, folder, environment variables, stdout, stderr and exit status. What differs from a fresh process:
-# what the libraries read at import, and the hash seed, are the preloading process's (assert_resume_reproduces runs
+# what the libraries read at import, and the hash seed, are the preloading process's (rebel_tldr.py's resume test runs
 # its reference run as a fresh process, so that a run's results depending on either would show there). Not datasets:
 # it names cache files with a random generator made at import, which every fork would share. torchrun runs are fresh.
 FORKSERVER = multiprocessing.get_context("forkserver")
@@ -130,12 +133,12 @@ def leave_as_killed_mid_swap(checkpoint):
         f.write('{"update": 1000, "objective/sco')
 
 
-def assert_resume_reproduces(script, workdir, name, *flags, task="tldr"):
-    """Run SCRIPT straight for 3 updates (a fresh process); run it again, SIGKILL it once its update-2 checkpoint
-    exists, leave it as a kill mid-swap would (leave_as_killed_mid_swap) and resume from it: the resumed run logs the
-    same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
+def assert_resume_reproduces(script, workdir, name, *flags, task="tldr", fresh=False):
+    """Run SCRIPT straight for 3 updates (a fresh process if `fresh`); run it again, SIGKILL it once its update-2
+    checkpoint exists, leave it as a kill mid-swap would (leave_as_killed_mid_swap) and resume from it: the resumed run
+    logs the same metrics (timings aside). Returns both runs' metrics and the killed run's folder."""
     flags = ["--total_episodes", "96", "--eval_every", "2", "--eval_samples", "16", *flags]
-    run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=True)
+    run_script(script, workdir, "--exp_name", f"{name}_straight", *flags, fresh=fresh)
     process, out, err = start_script(script, workdir, "--exp_name", f"{name}_killed", "--save_every", "2", *flags)
     deadline = time.time() + 300
     while not glob.glob(f"{workdir}/runs/{task}__{name}_killed__*/checkpoint/state.pt") and time.time() < deadline:
@@ -183,7 +186,7 @@ def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
 
 def assert_tiny_math_run_learns(script, workdir, name, keys):
     """`SCRIPT --tiny` on the tiny math task: 20 updates logged with `keys`, held-out accuracy up by more than 0.25
-    (the smallest gain of the three math scripts over seeds 1-3 was 0.49). Returns the run folder and the metrics."""
+    (the smallest gain of the three math scripts over seeds 1-3 was 0.46). Returns the run folder and the metrics."""
     run_script(script, workdir, "--exp_name", name)
     run_dir, metrics = read_metrics(workdir, f"math__{name}")
     assert [m["update"] for m in metrics] == list(range(21)) and all(keys <= set(m) for m in metrics[1:])
@@ -191,11 +194,13 @@ def assert_tiny_math_run_learns(script, workdir, name, keys):
     return run_dir, metrics
 
 
-# pytest.ini runs the suite in two workers: test files that share tiny assets go to the same one, which writes them once
+# pytest.ini runs the suite in two workers: test files that need the same tiny asset go to the same one, so that no
+# worker waits while the other writes it (tiny.one_writer)
 SHARED_ASSETS = {"test_judge_tldr": "judge", "test_rebel_spo_tldr": "judge", "test_rebel_math": "math",
                  "test_grpo_math": "math", "test_apo_math": "math"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(items):
     for item in items:
         item.add_marker(pytest.mark.xdist_group(SHARED_ASSETS.get(item.module.__name__, item.module.__name__)))

@@ -331,7 +331,7 @@ def write_judge(path):
     backend.pre_tokenizer, backend.decoder = splitter, decoders.WordPiece(cleanup=True)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
                                         eos_token="[EOS]")
-    # the prompt's fixed text between its fields as one token each: sequences of ~50 tokens instead of ~140
+    # the prompt's fixed text between its fields as one token each: prompts of ~30 tokens instead of ~145
     tokenizer.add_tokens([text for text, *_ in string.Formatter().parse(PROMPT + "\n")])
     torch.manual_seed(0)
     model = GPTNeoXForCausalLM(GPTNeoXConfig(

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -348,6 +349,32 @@ def test_tiny_assets_follow_their_paths(workdir, monkeypatch):
     tiny.write_tldr(rebel_tldr.Args(**{**rebel_tldr.TINY, "dataset": "runs/tiny_other/tldr"}))
     assert os.path.exists(f"{workdir}/runs/tiny_other/tldr/validation.jsonl")
     assert written() == before and len(before) > 6
+
+
+def write_once_slowly(path):
+    """An asset writer as tiny.py's are: whatever is missing, with its last file written at its end."""
+    if not os.path.exists(f"{path}/done"):
+        os.makedirs(path, exist_ok=True)
+        with open(f"{path}/writes", "a") as f:
+            f.write("x")
+        time.sleep(0.5)
+        open(f"{path}/done", "w").close()
+    return os.path.exists(f"{path}/done")
+
+
+def test_concurrent_tiny_runs_write_an_asset_once(tmp_path):
+    """Runs that start together (the suite's workers) write a missing asset once; the others wait and find it."""
+    import multiprocessing
+    import tiny
+    write = tiny.one_writer(lambda path: path)(write_once_slowly)
+    processes = [multiprocessing.get_context("fork").Process(
+        target=lambda: sys.exit(0 if write(str(tmp_path / "asset")) else 1)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    assert [process.exitcode for process in processes] == [0, 0, 0]  # each found the whole asset
+    assert (tmp_path / "asset" / "writes").read_text() == "x"
 
 
 @pytest.mark.slow

@@ -642,8 +642,9 @@ if __name__ == "__main__":
     # A*-PO's stage 1, once before the first update (a resumed run reads V* from its checkpoint), for the prompts that
     # the run trains on: pass p over the data takes the first `usable` of the loop's p-th shuffle, the last pass fewer
     episodes = args.num_updates * args.batch_size
-    prompts = torch.cat([torch.randperm(len(train_data), generator=torch.Generator().manual_seed(args.seed + 100_003 * p))[
-        : min(usable, episodes - p * usable)] for p in range(-(-episodes // usable))]).unique().tolist()
+    prompts = torch.cat([torch.randperm(len(train_data), generator=torch.Generator().manual_seed(
+        args.seed + 100_003 * p))[: min(usable, episodes - p * usable)]
+        for p in range(-(-episodes // usable))]).unique().tolist()
     v_star = state["v_star"].to(device) if checkpoint_dir else estimate_optimal_values(
         ref_policy, ref_context, tokenizer, train_data, prompts, args, device, autocast, rank)
 

@@ -156,13 +156,13 @@ def read_samples(path, columns):
 
 def comparisons(args):
     """[(samples file, output path, prompts, responses, the other summaries, rows)], all read and checked."""
-    files = sorted({f for pattern in args.samples for f in glob.glob(pattern)})
+    files = sorted({f for pattern in args.samples for f in glob.glob(os.path.expanduser(pattern))})
     if not files:
         raise FileNotFoundError(f"--samples {' '.join(args.samples) or '(none)'}: no file matches" +
                                 ("; `python rebel_tldr.py --tiny` writes one" if args.tiny else ""))
     if args.out and len(files) > 1:
         raise ValueError(f"--out {args.out}: one output path for {len(files)} samples files")
-    if args.against and len(matches := glob.glob(args.against)) != 1:
+    if args.against and len(matches := glob.glob(os.path.expanduser(args.against))) != 1:
         raise FileNotFoundError(f"--against {args.against}: matches {len(matches)} files, not one")
     against = {r["query"]: r["response"] for r in read_samples(matches[0], ["query", "response"])} \
         if args.against else None
@@ -197,6 +197,7 @@ if __name__ == "__main__":
     for name in ["max_new_tokens", "batch_size"]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    args.judge_model, args.out = (os.path.expanduser(p) if p else p for p in (args.judge_model, args.out))  # --x=~/y
     if args.judge_model.startswith((".", "/", "~")) and not os.path.exists(args.judge_model):
         raise FileNotFoundError(f"--judge_model {args.judge_model}: no such local folder")
     work = comparisons(args)

@@ -165,7 +165,7 @@ def table6(groups, flag):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    paths = sorted({p.rstrip("/") for pattern in args.runs for p in glob.glob(pattern)
+    paths = sorted({p.rstrip("/") for pattern in args.runs for p in glob.glob(os.path.expanduser(pattern))
                     if os.path.exists(f"{p}/metrics.jsonl")})
     if not paths:
         raise FileNotFoundError(f"--runs {' '.join(args.runs)}: no run folder (with metrics.jsonl) matches")
@@ -178,14 +178,16 @@ if __name__ == "__main__":
     os.makedirs(args.out, exist_ok=True)
     figures = {f"curve_{key.replace('/', '_')}": learning_curve(logged, key, args.x) for key in args.curves
                if (logged := having(groups, lambda r: any(key in m for m in r["metrics"])))}
-    if tldr := having(groups, lambda r: r["samples"] and "kl" in next(iter(r["samples"].values()))[0]):
+    if tldr := having(groups, lambda r: r["samples"] and {"score", "kl"} <= set(next(iter(r["samples"].values()))[0])):
         figures.update(fig5_tradeoff=tradeoff(tldr), fig5_kl_bins=kl_bins(tldr, args.bins))
     if rebel := having(groups, lambda r: any("rebel/loss" in m for m in r["metrics"])):
         figures["fig6_regression_loss"] = regression_loss(rebel, args.window)
     for name, fig in figures.items():
         fig.savefig(f"{args.out}/{name}.png", dpi=150, bbox_inches="tight")
-    table = table6(having(groups, lambda r: any("eval/win_rate" in m for m in r["metrics"])), args.flag)
-    with open(f"{args.out}/table6.md", "w") as f:
-        f.write(table)
-    print(table + f"{len(runs)} runs in {len(groups)} groups; wrote {args.out}/table6.md and "
-          + ", ".join(f"{name}.png" for name in figures))
+    outputs, table = [f"{name}.png" for name in figures], ""
+    if judged := having(groups, lambda r: any("eval/win_rate" in m for m in r["metrics"])):  # the TL;DR scripts' runs
+        table = table6(judged, args.flag)
+        with open(f"{args.out}/table6.md", "w") as f:
+            f.write(table)
+        outputs.append("table6.md")
+    print(table + f"{len(runs)} runs in {len(groups)} groups; wrote {', '.join(outputs)} in {args.out}/")

@@ -395,7 +395,7 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
 def enable_gradient_checkpointing(model):
     """Transformers recomputes activations in training mode only: set on the layers alone, so that dropout stays off.
     Non-reentrant checkpointing needs no gradient sent into a frozen bottom."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.disable_input_require_grads()
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
@@ -482,6 +482,8 @@ ZERO_ALLOWED = {"seed", "eval_samples", "save_every", "num_iterations", "batch_s
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
+        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
+            setattr(args, name, value := os.path.expanduser(value))
         if any(type(v) in (int, float) and name != "penalty_reward_value" and v <= 0 and (
                 v < 0 or name not in ZERO_ALLOWED) for v in (value if isinstance(value, tuple) else [value])):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")

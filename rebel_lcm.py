@@ -263,6 +263,8 @@ ZERO_ALLOWED = {"seed", "weight_decay", "max_grad_norm", "eval_prompts", "save_e
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
+        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
+            setattr(args, name, value := os.path.expanduser(value))
         if type(value) in (int, float) and value <= 0 and (value < 0 or name not in ZERO_ALLOWED):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")
         file = name in ("aesthetic_head_path", "prompts_file")  # local files; a model may be a hub ID, "owner/name"

@@ -309,7 +309,7 @@ def load_policy(name, dtype, args, device, rank, mp_policy=None):
 
 def enable_gradient_checkpointing(model):
     """Transformers recomputes activations in training mode only: set on the layers alone, so that dropout stays off."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer):
             layer.training = True
@@ -364,6 +364,8 @@ ZERO_ALLOWED = {"seed", "eval_samples", "eval_pairs", "save_every", "lora_rank",
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
+        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
+            setattr(args, name, value := os.path.expanduser(value))
         if type(value) in (int, float) and name != "penalty_reward_value" and value <= 0 and (
                 value < 0 or name not in ZERO_ALLOWED):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")

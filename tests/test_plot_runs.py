@@ -113,6 +113,13 @@ def test_every_figure_is_written_and_bad_input_is_named(tmp_path, monkeypatch, c
         plot("--runs", "nowhere/*")
     with pytest.raises(ValueError, match="--group_by lr: not an argument of the run runs/rebel_1"):
         plot("--group_by", "lr", "--runs", "runs/*")
+    # runs of other tasks: an LCM run logs no win rate (no Table 6), a math run's samples have no RM score (no Fig. 5)
+    write_run(tmp_path / "other" / "lcm_1", {"exp_name": "lcm"}, [{"update": 0, "eval/scores": 5.0}])
+    write_run(tmp_path / "other" / "math_1", {"exp_name": "math"}, [{"update": 0, "eval/accuracy": 0.5}])
+    with open("other/math_1/samples_update0.csv", "w") as f:
+        f.write("question,response,answer,correct,kl\nq,r,1,1,0.5\n")
+    plot("--runs", "other/*", "--out", "other_figures", "--curves", "eval/scores", "eval/accuracy")
+    assert sorted(os.listdir("other_figures")) == ["curve_eval_accuracy.png", "curve_eval_scores.png"]
     os.remove("runs/rebel_1/args.json")
     with pytest.raises(FileNotFoundError, match="runs/rebel_1: no args.json"):
         plot("--runs", "runs/*")

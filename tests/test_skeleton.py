@@ -139,3 +139,14 @@ def test_bad_flags_and_paths_are_named(flags, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         rebel_tldr.check_args(rebel_tldr.Args(**flags))
     rebel_tldr.check_args(rebel_tldr.Args())  # the paper's defaults pass (hub IDs)
+
+
+def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
+    """`--sft_model=~/sft` reaches the script unexpanded: no shell expands a ~ after "=", nor inside quotes."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "sft").mkdir()
+    args = rebel_tldr.Args(sft_model="~/sft")
+    rebel_tldr.check_args(args)
+    assert args.sft_model == str(tmp_path / "sft")
+    with pytest.raises(FileNotFoundError, match=f"--dataset {tmp_path}/data: no such local file or folder"):
+        rebel_tldr.check_args(rebel_tldr.Args(dataset="~/data"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpo_tldr
-from conftest import assert_tokenization_is_cached, read_metrics, run_script
+from conftest import assert_resume_reproduces, assert_tokenization_is_cached, read_metrics, run_script
 
 
 def test_dpo_loss_is_its_formula():
@@ -87,6 +87,12 @@ def test_tiny_run_learns_the_held_out_preferences(workdir):
     sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
     weight = "gpt_neox.layers.0.attention.query_key_value.weight"
     assert not torch.equal(trained.state_dict()[weight], sft.state_dict()[weight])  # LoRA merged into the weights
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(workdir):
+    """Also the data position: the preference pairs of update 3 are those the uninterrupted run trained on."""
+    assert_resume_reproduces("dpo_tldr.py", workdir, "dpo_resume", "--eval_pairs", "8")
 
 
 @pytest.mark.slow

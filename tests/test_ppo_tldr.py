@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ppo_tldr
-from conftest import assert_tiny_run_learns, read_metrics, run_script
+from conftest import assert_resume_reproduces, assert_tiny_run_learns, read_metrics, run_script
 
 
 def test_gae_against_a_hand_computed_example():
@@ -71,6 +71,12 @@ def test_tiny_run_learns_and_saves(workdir):
     _, metrics = assert_tiny_run_learns("ppo_tldr.py", workdir, "ppo_e2e", keys, 0.05)
     # the value network learns to predict the returns
     assert metrics[-1]["ppo/loss/value"] < metrics[1]["ppo/loss/value"]
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(workdir):
+    """The value network and its optimizer state come back with the policy's (the ppo/val/* metrics would differ)."""
+    assert_resume_reproduces("ppo_tldr.py", workdir, "ppo_resume")
 
 
 @pytest.mark.slow

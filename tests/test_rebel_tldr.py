@@ -112,6 +112,23 @@ def test_sampling_ignores_the_checkpoints_generation_settings():
     assert torch.equal(*samples)
 
 
+def test_the_score_is_the_rms_at_the_first_eos_and_gamma_without_one():
+    """App. H.1.4: a response is scored by the RM at its first EOS (the tokens after it are padding); one without EOS
+    in `response_length` tokens gets --penalty_reward_value, whatever the RM says."""
+    model = tiny_policy()
+    args = rebel_tldr.Args(response_length=4, penalty_reward_value=-7.0, eos_token_id=1, pad_token_id=0)
+    queries, query_mask = rebel_tldr.pad([[5, 6], [7]], 0, "cpu")
+    responses = torch.tensor([[3, 1, 0, 0], [3, 4, 5, 6]])  # the first ends at its EOS, the second never does
+    model.generate = lambda input_ids, **kwargs: torch.cat([input_ids, responses], 1)
+
+    def reward_model(ids, mask):  # a score per position: 10 x the position
+        return 10.0 * torch.arange(ids.shape[1]).float().expand(len(ids), -1)
+    out = rebel_tldr.sample_and_score(model, model, torch.no_grad, reward_model, queries, query_mask, 1, 0.7, args)
+    assert out["scores"].tolist() == [30.0, -7.0]  # the first EOS is at position 2 + 1
+    assert out["contains_eos"].tolist() == [True, False]
+    assert out["response_mask"].tolist() == [[True, True, False, False], [True] * 4]
+
+
 def test_exact_rebel_is_mirror_descent():
     """Solving Eq. (1) exactly over all pairs of a tabular policy gives pi_t+1 ∝ pi_t exp(eta r) (Eq. 3)."""
     torch.manual_seed(0)
@@ -221,9 +238,12 @@ def test_torchrun_two_processes(workdir, mode):
 def test_resume_gives_the_same_metrics_and_refuses_changed_settings(workdir):
     """A resume reproduces the uninterrupted run, even after a kill mid-swap (see assert_resume_reproduces); one that
     would change what is trained is refused before anything loads or is written, naming each changed setting."""
-    *_, run_dir = assert_resume_reproduces("rebel_tldr.py", workdir, "rebel", fresh=True)  # see FORKSERVER
+    straight, _, run_dir = assert_resume_reproduces("rebel_tldr.py", workdir, "rebel", "--kl_coef", "0.1",
+                                                    fresh=True)  # see FORKSERVER
+    for m in straight[1:]:  # Eq. (22) with --kl_coef's gamma, on the means over the same samples
+        assert m["objective/rewards"] == pytest.approx(m["objective/scores"] - 0.1 * m["objective/kl"], abs=1e-5)
     files = {f: open(f, "rb").read() for f in [f"{run_dir}/metrics.jsonl", *glob.glob(f"{run_dir}/model/*")]}
-    flags = ["--exp_name", "rebel_killed", "--total_episodes", "96", "--eval_samples", "16",
+    flags = ["--exp_name", "rebel_killed", "--total_episodes", "96", "--eval_samples", "16", "--kl_coef", "0.1",
              "--resume_from", f"{run_dir}/checkpoint"]
     for changed, message in [(["--batch_size", "16", "--per_device_train_batch_size", "8"],
                               "batch_size 32 -> 16, per_device_train_batch_size 16 -> 8"),

@@ -184,6 +184,7 @@ if __name__ == "__main__":
         figures["fig6_regression_loss"] = regression_loss(rebel, args.window)
     for name, fig in figures.items():
         fig.savefig(f"{args.out}/{name}.png", dpi=150, bbox_inches="tight")
+        plt.close(fig)
     outputs, table = [f"{name}.png" for name in figures], ""
     if judged := having(groups, lambda r: any("eval/win_rate" in m for m in r["metrics"])):  # the TL;DR scripts' runs
         table = table6(judged, args.flag)

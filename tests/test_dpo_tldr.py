@@ -15,14 +15,14 @@ from conftest import assert_resume_reproduces, assert_tokenization_is_cached, re
 def test_dpo_loss_is_its_formula():
     logprobs = torch.tensor([[-1.0, -2.0], [-3.0, -0.5], [-4.0, -4.0]])  # columns: chosen, rejected
     ref_logprobs = torch.tensor([[-1.5, -1.0], [-2.0, -1.0], [-4.0, -4.0]])
-    beta = 0.05
-    by_hand = []
-    for (lw, ll), (rw, rl) in zip(logprobs.tolist(), ref_logprobs.tolist()):
-        margin = beta * (lw - rw) - beta * (ll - rl)
-        by_hand.append(-math.log(1 / (1 + math.exp(-margin))))
-    loss, rewards = dpo_tldr.dpo_loss(logprobs, ref_logprobs, beta)
-    assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand))
-    torch.testing.assert_close(rewards, beta * (logprobs - ref_logprobs))
+    for beta in [0.05, 0.5]:  # the paper's, and another --beta
+        by_hand = []
+        for (lw, ll), (rw, rl) in zip(logprobs.tolist(), ref_logprobs.tolist()):
+            margin = beta * (lw - rw) - beta * (ll - rl)
+            by_hand.append(-math.log(1 / (1 + math.exp(-margin))))
+        loss, rewards = dpo_tldr.dpo_loss(logprobs, ref_logprobs, beta)
+        assert loss.item() == pytest.approx(sum(by_hand) / len(by_hand))
+        torch.testing.assert_close(rewards, beta * (logprobs - ref_logprobs))
 
 
 def test_pairs_share_the_response_column():

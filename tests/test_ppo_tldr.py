@@ -49,6 +49,12 @@ def test_clipped_objectives_have_zero_gradient_where_clipped():
     # the numbers themselves: -min(rho A, clip(rho) A) per token and 1/2 max((V - R)^2, (V_clip - R)^2)
     assert pg_loss.item() == pytest.approx((-1.2 + 0.8 - 0.5 + 1.5 - 1.1) / 5)
     assert vf_loss.item() == pytest.approx(0.5 * (0.8**2 + 1.5**2 + 0.9**2 + 0.8**2 + 0.9**2) / 5)
+    # --cliprange 0.6 and --cliprange_value 1 clip none of these; --vf_coef weighs the value loss
+    wide = SimpleNamespace(cliprange=0.6, cliprange_value=1.0, vf_coef=1.0)
+    loss, stats = ppo_tldr.ppo_loss(logprobs, old_logprobs, advantages, values, old_values, returns, mask, wide)
+    assert stats["clipfrac"].item() == 0 and stats["vf_clipfrac"].item() == 0
+    assert stats["pg_loss"].item() == pytest.approx((-1.5 + 0.5 - 0.5 + 1.5 - 1.1) / 5)
+    torch.testing.assert_close(loss, stats["pg_loss"] + stats["vf_loss"])
 
 
 

@@ -1,5 +1,6 @@
 """Specification of rebel_tldr.py: the REBEL update is mirror descent, the loss is Eq. (1), and the script runs end
 to end on tiny models (single process, torchrun with DDP+LoRA and FSDP2), learns, resumes, and rejects bad input."""
+import csv
 import dataclasses
 import glob
 import json
@@ -201,6 +202,9 @@ def test_tiny_run_learns_and_saves(workdir):
     sft = AutoModelForCausalLM.from_pretrained(f"{workdir}/runs/tiny/sft")
     weight = "gpt_neox.layers.0.attention.query_key_value.weight"
     from peft import PeftModel  # and the adapter itself, on top of the SFT model: the same policy
+    with open(f"{run_dir}/adapter/adapter_config.json") as f:
+        config = json.load(f)
+    assert (config["r"], config["lora_alpha"]) == (8, 16)  # --tiny's --lora_rank and --lora_alpha
     adapted = PeftModel.from_pretrained(sft, f"{run_dir}/adapter").merge_and_unload()
     torch.testing.assert_close(adapted.state_dict()[weight], trained.state_dict()[weight])
 
@@ -417,21 +421,28 @@ def test_a_non_finite_gradient_stops_the_run_before_its_step(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_minibatches_eval_temperature_and_track(workdir):
-    """--num_minibatches 2 takes two optimizer steps per epoch; --eval_temperature 1.0 samples the evaluation at the
-    training policy's full spread, where Table 1's KL and the one at temperature 0.7 differ less than near-greedy;
-    --track writes an offline wandb run with the metrics.jsonl keys. A flag given with --tiny wins over TINY's value,
-    also when it equals the paper's default (--per_device_train_batch_size 8: TINY has 16)."""
+def test_minibatches_rollout_chunks_eval_temperature_and_track(workdir):
+    """--num_minibatches 2 takes two optimizer steps per epoch; --rollout_batch_size 8 samples and evaluates in chunks
+    of 8 prompts (4 per update, 2 per evaluation), the evaluation in the validation split's order; --eval_temperature
+    1.0 samples the evaluation at the training policy's full spread, where Table 1's KL and the one at temperature 0.7
+    differ less than near-greedy; --track writes an offline wandb run to --wandb_project with the metrics.jsonl keys. A
+    flag given with --tiny wins over TINY's value, also when it equals the paper's default
+    (--per_device_train_batch_size 8)."""
     proc = run(workdir, "--exp_name", "minibatches", "--total_episodes", "64", "--num_minibatches", "2",
-               "--per_device_train_batch_size", "8", "--eval_temperature", "1.0", "--eval_samples", "16", "--track")
+               "--per_device_train_batch_size", "8", "--rollout_batch_size", "8", "--eval_temperature", "1.0",
+               "--eval_samples", "16", "--track", "--wandb_project", "tiny_tldr_project")
     assert '"per_device_train_batch_size": 8,' in proc.stdout and '"gradient_accumulation_steps": 2,' in proc.stdout
-    _, metrics = metrics_of(workdir, "minibatches")
+    run_dir, metrics = metrics_of(workdir, "minibatches")
     assert [m["update"] for m in metrics] == [0, 1, 2] and metrics[-1]["objective/kl"] != 0
     assert metrics[-1]["eval/kl_at_eval_temperature"] != metrics[-1]["eval/kl_at_train_temperature"]
+    with open(f"{workdir}/runs/tiny/tldr/validation.jsonl") as f:
+        queries = [json.loads(line)["query"] for line in f][:16]
+    with open(f"{run_dir}/samples_update2.csv", newline="") as f:
+        assert [row["query"] for row in csv.DictReader(f)] == queries
     (run_file,) = glob.glob(f"{workdir}/wandb/offline-run-*/run-*.wandb")
     with open(run_file, "rb") as f:
         logged = f.read()
-    for key in [b"objective/scores", b"rebel/loss", b"eval/win_rate", b"memory/peak_gb"]:
+    for key in [b"tiny_tldr_project", b"objective/scores", b"rebel/loss", b"eval/win_rate", b"memory/peak_gb"]:
         assert key in logged
 
 

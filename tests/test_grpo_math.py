@@ -34,6 +34,9 @@ def test_grpo_loss_by_hand():
     k3 = 2 - math.log(2) - 1  # pi_0/pi_theta - ln(pi_0/pi_theta) - 1
     assert kl.item() == pytest.approx(k3 / 2 / 2)
     assert loss_with_kl.item() == pytest.approx(loss.item() + 0.04 * k3 / 2 / 2)
+    # --clip_range 0.6 clips neither ratio: the two responses' objectives cancel; --kl_coef 0.5 weighs the KL
+    loss, clipfrac, _ = grpo_math.grpo_loss(new, old, ref, advantages, mask, 0.6, 0.5)
+    assert clipfrac.item() == 0.0 and loss.item() == pytest.approx(0.5 * k3 / 2 / 2)
 
 
 def test_a_group_of_one_is_refused_before_any_model_loads(tmp_path):

@@ -421,11 +421,17 @@ def test_a_non_finite_loss_stops_the_run_before_its_step(workdir):
 @pytest.mark.slow
 def test_adamw_settings_and_a_resume_from_the_last_iteration(workdir):
     """The checkpoint holds AdamW with the settings given; resumed from the run's last iteration, there is nothing to
-    train and the model is saved again, the checkpoint's weights."""
-    flags = ["--exp_name", "adamw", "--num_iterations", "1", "--save_every", "1", "--eval_samples", "16",
+    train and the model is saved again, the checkpoint's weights. Also --eval_split as a slice of another split (as
+    in Section 5.2.1's command): the evaluation prompts are those of the slice, in its order."""
+    flags = ["--exp_name", "adamw", "--num_iterations", "1", "--save_every", "1", "--eval_split", "train_prefs[:16]",
              "--adam_betas", "0.8", "0.9", "--adam_eps", "1e-6", "--weight_decay", "0.01"]
     run(workdir, *flags)
     run_dir, _ = metrics_of(workdir, "adamw")
+    with open(glob.glob(f"{workdir}/runs/tiny_chat/prompts/data/train_prefs-*.jsonl")[0]) as f:
+        first = [json.loads(line)["prompt"] for line in f][:16]
+    with open(f"{run_dir}/alpaca_eval_update1.json") as f:
+        instructions = [row["instruction"] for row in json.load(f)]
+    assert instructions and instructions == [p for p in first if p in instructions]  # those shorter than 64 tokens
     (group,) = torch.load(f"{run_dir}/checkpoint/state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.01)
     shutil.rmtree(f"{run_dir}/model")

@@ -172,6 +172,19 @@ def test_scores_and_rewards_are_float32_inside_the_bf16_autocast(workdir):
     assert rewards.dtype == torch.float32
 
 
+def test_rewards_are_normalized_per_prompt_over_its_last_scores():
+    """App. H.3.3 (DDPO's per-prompt statistics): over the whole batch until a prompt has --stat_min_count scores,
+    then over its last --stat_buffer_size (here 3 and 3)."""
+    buffers, std = {}, (8 / 3) ** 0.5  # the population std of 1, 3, 5 (and of 3, 5, 7)
+    rewards = rebel_lcm.normalize_rewards(torch.tensor([1.0, 3.0, 10.0, 14.0]), ["cat", "cat", "dog", "dog"], buffers,
+                                          3, 3)
+    torch.testing.assert_close(rewards, (torch.tensor([1.0, 3.0, 10.0, 14.0]) - 7) / 27.5 ** 0.5)  # the batch's
+    rewards = rebel_lcm.normalize_rewards(torch.tensor([5.0, 20.0]), ["cat", "dog"], buffers, 3, 3)
+    assert rewards[0].item() == pytest.approx((5 - 3) / std)  # cat's own: 1, 3, 5
+    assert rebel_lcm.normalize_rewards(torch.tensor([7.0]), ["cat"], buffers, 3, 3).item() == pytest.approx(2 / std)
+    assert buffers == {"cat": [3.0, 5.0, 7.0], "dog": [10.0, 14.0, 20.0]}  # the last 3 of each
+
+
 @pytest.mark.parametrize("flags, message", [
     (dict(eta=0.0), "--eta must be positive, got 0.0"), (dict(eta=-1.0), "--eta must be positive, got -1.0"),
     (dict(train_batch_size=0), "--train_batch_size must be positive, got 0"),

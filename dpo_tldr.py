@@ -107,8 +107,9 @@ class Args:
     eval_pairs: int = 1024
     """held-out preference pairs (the first of the validation split) for the implicit-reward margin and accuracy; 0
     for the whole split (~84k pairs: several times the cost of training, at every evaluation)"""
-    save_every: int = 0
-    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    save_every: int = 100
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates, so that a crash
+    loses at most these; 0 for never"""
     resume_from: Optional[str] = None
     """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
 

@@ -112,8 +112,9 @@ class Args:
     """evaluate every this many updates, and always before the first and after the last"""
     eval_samples: int = 0
     """validation prompts to evaluate on; 0 for the whole split"""
-    save_every: int = 0
-    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    save_every: int = 100
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates, so that a crash
+    loses at most these; 0 for never"""
     resume_from: Optional[str] = None
     """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
 

@@ -124,8 +124,9 @@ class Args:
     """evaluate every this many iterations, and always before the first and after the last"""
     eval_samples: int = 0
     """held-out prompts to evaluate on; 0 for the whole split"""
-    save_every: int = 0
-    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many iterations; 0 for never"""
+    save_every: int = 100
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many iterations, so that a crash
+    loses at most these; 0 for never"""
     resume_from: Optional[str] = None
     """a checkpoint folder to continue from, with the settings it was trained with; the run goes on in its folder"""
 

@@ -104,8 +104,9 @@ class Args:
     """evaluate every this many epochs, and always before the first update and after the last"""
     eval_prompts: int = 0
     """evaluate on the first this many prompts, one image each from fixed noise; 0 for all"""
-    save_every: int = 0
-    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates; 0 for never"""
+    save_every: int = 10
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates (by default an epoch), so
+    that a crash loses at most these; 0 for never"""
     resume_from: Optional[str] = None
     """a checkpoint folder to continue from, with the settings it was trained with, in its run's folder"""
 

@@ -430,7 +430,7 @@ if __name__ == "__main__":
     generator = torch.Generator().manual_seed(args.seed + 100_003 * rank)
 
     # models: the LCM pipeline pi_theta (LoRA on the UNet's attention, everything else frozen) and the reward model
-    pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model, torch_dtype=frozen_dtype, safety_checker=None,
+    pipeline = LatentConsistencyModelPipeline.from_pretrained(args.model, dtype=frozen_dtype, safety_checker=None,
                                                               requires_safety_checker=False).to(device)
     scheduler, unet = pipeline.scheduler, pipeline.unet
     if scheduler.config.prediction_type != "epsilon" or scheduler.config.clip_sample or scheduler.config.thresholding:

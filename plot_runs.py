@@ -52,8 +52,9 @@ def read_run(path):
         with open(file, newline="") as f:
             samples[int(file[len(f"{path}/samples_update"): -len(".csv")])] = list(csv.DictReader(f))
     for file in glob.glob(f"{path}/judge_update*.json"):
-        with open(file) as f:
-            judged[int(file[len(f"{path}/judge_update"): -len(".json")])] = json.load(f)["win_rate"]
+        if (update := file[len(f"{path}/judge_update"): -len(".json")]).isdigit():  # not judge_update{N}_vs_{run}
+            with open(file) as f:
+                judged[int(update)] = json.load(f)["win_rate"]
     return dict(path=path, args=args, metrics=metrics, samples=samples, judged=judged)
 
 
@@ -165,6 +166,7 @@ def table6(groups, flag):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    args.out = os.path.expanduser(args.out)  # also in --out=~/x, which no shell expands
     paths = sorted({p.rstrip("/") for pattern in args.runs for p in glob.glob(os.path.expanduser(pattern))
                     if os.path.exists(f"{p}/metrics.jsonl")})
     if not paths:

@@ -142,10 +142,15 @@ class Args:
     pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the end-of-turn and left of the prompt, always masked: the tokenizer's pad, else EOS"""
 
+    def __post_init__(self):  # a leading ~ is the home folder, also in --flag=~/x, which no shell expands
+        for name, value in vars(self).items():
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
 
 # --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 iterations
 TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward", dataset="runs/tiny_chat/prompts",
-            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=16,
+            max_prompt_length=64, max_new_tokens=24, num_iterations=20, batch_size=16, per_device_train_batch_size=8,
             rollout_batch_size=16, lr=1e-3, num_layers_unfrozen=2, eval_every=10, eval_samples=64)
 
 
@@ -483,8 +488,6 @@ ZERO_ALLOWED = {"seed", "eval_samples", "save_every", "num_iterations", "batch_s
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
-        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
-            setattr(args, name, value := os.path.expanduser(value))
         if any(type(v) in (int, float) and name != "penalty_reward_value" and v <= 0 and (
                 v < 0 or name not in ZERO_ALLOWED) for v in (value if isinstance(value, tuple) else [value])):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")

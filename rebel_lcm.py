@@ -116,6 +116,11 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
     """iterations t of Algorithm 1"""
 
+    def __post_init__(self):  # a leading ~ is the home folder, also in --flag=~/x, which no shell expands
+        for name, value in vars(self).items():
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
 
 # --tiny: 32 px images, 4 steps, a learning rate that moves a tiny UNet in 30 updates
 TINY = dict(model="runs/tiny_lcm/lcm", clip_model="runs/tiny_lcm/clip", aesthetic_head_path="runs/tiny_lcm/head.pth",
@@ -264,8 +269,6 @@ ZERO_ALLOWED = {"seed", "weight_decay", "max_grad_norm", "eval_prompts", "save_e
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
-        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
-            setattr(args, name, value := os.path.expanduser(value))
         if type(value) in (int, float) and value <= 0 and (value < 0 or name not in ZERO_ALLOWED):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")
         file = name in ("aesthetic_head_path", "prompts_file")  # local files; a model may be a hub ID, "owner/name"

@@ -121,6 +121,11 @@ class Args:
     pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS"""
 
+    def __post_init__(self):  # a leading ~ is the home folder, also in --flag=~/x, which no shell expands
+        for name, value in vars(self).items():
+            if isinstance(value, str) and value.startswith("~"):
+                setattr(self, name, os.path.expanduser(value))
+
 
 # --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
 TINY = dict(sft_model="runs/tiny/sft", reward_model="runs/tiny/reward", dataset="runs/tiny/tldr", query_length=128,
@@ -349,8 +354,6 @@ ZERO_ALLOWED = {"seed", "eval_samples", "eval_pairs", "save_every", "lora_rank",
 def check_args(args):
     """Bad input fails at start-up, before any model loads, naming the flag or path."""
     for name, value in asdict(args).items():
-        if isinstance(value, str) and value.startswith("~"):  # --flag=~/x: the shell expands no ~ after "="
-            setattr(args, name, value := os.path.expanduser(value))
         if type(value) in (int, float) and name != "penalty_reward_value" and value <= 0 and (
                 value < 0 or name not in ZERO_ALLOWED):
             raise ValueError(f"--{name} must be {'at least 0' if name in ZERO_ALLOWED else 'positive'}, got {value}")

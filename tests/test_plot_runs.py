@@ -85,6 +85,9 @@ def test_table6_has_one_row_per_flag_value_from_the_last_evaluation(tmp_path):
             judged=judged and {10: judged})
 
     runs = [run("a", 2.0, 0.5, 1.0), run("b", 0.3, 0.6, 2.0, judged=0.25), run("c", 0.3, 0.8, 3.0)]
+    with open(tmp_path / "c" / "judge_update10_vs_tldr__ppo.json", "w") as f:  # judge_tldr.py --against: not Table 6's
+        json.dump({"win_rate": 0.99}, f)
+    runs[2] = plot_runs.read_run(str(tmp_path / "c"))
     table = plot_runs.table6({"rebel": runs}, "eta").splitlines()
     assert table[2:] == ["| rebel | 0.3 | 2 | 70.0 | 25.0 | 2.50 | 5.0 |", "| rebel | 2.0 | 1 | 50.0 | - | 1.00 | 2.0 |"]
     with pytest.raises(ValueError, match="--flag lr: an argument of none of the runs"):

@@ -449,17 +449,18 @@ def test_adamw_settings_and_a_resume_from_the_last_iteration(workdir):
 # (gamma is 0.05 here, not 0, so that the FSDP2-sharded pi_0 is exercised too)
 LARGE_BATCH = ["--num_layers_unfrozen", "0", "--train_split", "train_prefs[:70]", "--batch_size", "0",
                "--minibatch_size", "16", "--num_epochs", "1", "--num_samples", "4", "--drop_truncated", "--lr", "3e-4",
-               "--lr_schedule", "cosine", "--warmup_ratio", "0.1", "--eta", "2", "1", "--gradient_checkpointing"]
+               "--lr_schedule", "cosine", "--warmup_ratio", "0.1", "--eta", "2", "1", "--gradient_checkpointing",
+               "--per_device_train_batch_size", "4"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], LARGE_BATCH], ids=["ddp_frozen", "fsdp2_full_large_batch"])
 def test_torchrun_two_processes(workdir, mode):
     """Two ranks stay in step whatever lengths their responses have (FSDP2's generate steps until all ranks are
-    done), and the trained model is saved whole."""
+    done), and the trained model is saved whole. ddp_frozen keeps --tiny's batch sizes, as the README's two-process
+    command does."""
     exp_name = "torchrun_" + ("full" if mode else "frozen")
-    run(workdir, "--exp_name", exp_name, "--num_iterations", "2", "--eval_samples", "16",
-        "--per_device_train_batch_size", "4", *mode, torchrun=True)
+    run(workdir, "--exp_name", exp_name, "--num_iterations", "2", "--eval_samples", "16", *mode, torchrun=True)
     run_dir, metrics = metrics_of(workdir, exp_name)
     assert [m["update"] for m in metrics] == [0, 1, 2]
     assert metrics[-1]["objective/kl"] != 0  # the policy moved away from pi_0 after the first update

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import tyro
 
 import rebel_tldr
 from conftest import ROOT, save_killed_at
@@ -145,8 +146,8 @@ def test_a_home_relative_path_is_expanded(tmp_path, monkeypatch):
     """`--sft_model=~/sft` reaches the script unexpanded: no shell expands a ~ after "=", nor inside quotes."""
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "sft").mkdir()
-    args = rebel_tldr.Args(sft_model="~/sft")
-    rebel_tldr.check_args(args)
+    args = tyro.cli(rebel_tldr.Args, args=["--sft_model=~/sft"])  # expanded as parsed, before --tiny writes anything
     assert args.sft_model == str(tmp_path / "sft")
+    rebel_tldr.check_args(args)
     with pytest.raises(FileNotFoundError, match=f"--dataset {tmp_path}/data: no such local file or folder"):
         rebel_tldr.check_args(rebel_tldr.Args(dataset="~/data"))

@@ -180,6 +180,8 @@ if __name__ == "__main__":
     os.makedirs(args.out, exist_ok=True)
     figures = {f"curve_{key.replace('/', '_')}": learning_curve(logged, key, args.x) for key in args.curves
                if (logged := having(groups, lambda r: any(key in m for m in r["metrics"])))}
+    if unlogged := [key for key in args.curves if f"curve_{key.replace('/', '_')}" not in figures]:
+        print(f"--curves: no run logs {', '.join(unlogged)}, so no curve of it")
     if tldr := having(groups, lambda r: r["samples"] and {"score", "kl"} <= set(next(iter(r["samples"].values()))[0])):
         figures.update(fig5_tradeoff=tradeoff(tldr), fig5_kl_bins=kl_bins(tldr, args.bins))
     if rebel := having(groups, lambda r: any("rebel/loss" in m for m in r["metrics"])):

@@ -123,6 +123,8 @@ def test_every_figure_is_written_and_bad_input_is_named(tmp_path, monkeypatch, c
         f.write("question,response,answer,correct,kl\nq,r,1,1,0.5\n")
     plot("--runs", "other/*", "--out", "other_figures", "--curves", "eval/scores", "eval/accuracy")
     assert sorted(os.listdir("other_figures")) == ["curve_eval_accuracy.png", "curve_eval_scores.png"]
+    plot("--runs", "other/*", "--out", "other_figures", "--curves", "eval/acuracy")  # a misspelt key: said, not drawn
+    assert "--curves: no run logs eval/acuracy, so no curve of it" in capsys.readouterr().out
     os.remove("runs/rebel_1/args.json")
     with pytest.raises(FileNotFoundError, match="runs/rebel_1: no args.json"):
         plot("--runs", "runs/*")

@@ -435,9 +435,11 @@ def test_adamw_settings_and_a_resume_from_the_last_iteration(workdir):
     (group,) = torch.load(f"{run_dir}/checkpoint/state.pt", weights_only=True)["optimizer"]["param_groups"]
     assert (tuple(group["betas"]), group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.01)
     shutil.rmtree(f"{run_dir}/model")
-    run(workdir, *flags, "--resume_from", f"{run_dir}/checkpoint")
+    proc = run(workdir, *flags, "--resume_from", f"{run_dir}/checkpoint")
     with open(f"{run_dir}/metrics.jsonl") as f:
-        assert [json.loads(line)["update"] for line in f] == [0, 1]
+        logged = [json.loads(line) for line in f]
+    assert [m["update"] for m in logged] == [0, 1]
+    assert f'"eval/scores": {logged[-1]["eval/scores"]}' in proc.stdout  # the summary: the last metrics logged
     from transformers import AutoModelForCausalLM
     saved = AutoModelForCausalLM.from_pretrained(f"{run_dir}/model").state_dict()
     for name, value in load_file(f"{run_dir}/checkpoint/model.safetensors").items():

@@ -142,6 +142,7 @@ def test_figures_from_tiny_runs_of_two_methods(workdir, monkeypatch):
     runs = [plot_runs.read_run(p) for p in sorted(glob.glob(f"{workdir}/runs/tldr__plot_*"))]
     assert [(r["args"]["exp_name"], r["args"]["seed"]) for r in runs] == [("plot_ppo", 1), ("plot_rebel", 1),
                                                                           ("plot_rebel", 2)]
+    assert runs[1]["metrics"][1]["objective/scores"] != runs[2]["metrics"][1]["objective/scores"]  # --seed samples
     for run in runs:
         evaluations = [m for m in run["metrics"] if "eval/scores" in m]
         assert [m["update"] for m in evaluations] == sorted(run["samples"]) == [0, 1, 2, 3]

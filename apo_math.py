@@ -654,7 +654,7 @@ if __name__ == "__main__":
     v_star = state["v_star"].to(device) if checkpoint_dir else estimate_optimal_values(
         ref_policy, ref_context, tokenizer, train_data, prompts, args, device, autocast, rank)
 
-    metrics = json.loads(kept[-1]) if checkpoint_dir and master else {}  # the summary, if nothing is left to train
+    metrics = json.loads(kept[-1]) if checkpoint_dir and master and kept else {}  # the summary, if nothing is left
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
         eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, tokenizer, eval_data, args,
                                       device, autocast)

@@ -189,6 +189,7 @@ if __name__ == "__main__":
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":  # all_gather_object sends through the current device
         torch.cuda.set_device(device)
+    args.judge_model, args.out = (os.path.expanduser(p) if p else p for p in (args.judge_model, args.out))  # --x=~/y too
     if args.tiny and rank == 0:
         import tiny  # test scaffolding, next to this file
         tiny.write_judge(args.judge_model)
@@ -197,8 +198,7 @@ if __name__ == "__main__":
     for name in ["max_new_tokens", "batch_size"]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-    args.judge_model, args.out = (os.path.expanduser(p) if p else p for p in (args.judge_model, args.out))  # --x=~/y
-    if args.judge_model.startswith((".", "/", "~")) and not os.path.exists(args.judge_model):
+    if args.judge_model.startswith((".", "/")) and not os.path.exists(args.judge_model):
         raise FileNotFoundError(f"--judge_model {args.judge_model}: no such local folder")
     work = comparisons(args)
     if few := [file for file, *_, rows in work if len(rows) < world_size]:

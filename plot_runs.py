@@ -195,4 +195,4 @@ if __name__ == "__main__":
         with open(f"{args.out}/table6.md", "w") as f:
             f.write(table)
         outputs.append("table6.md")
-    print(table + f"{len(runs)} runs in {len(groups)} groups; wrote {', '.join(outputs)} in {args.out}/")
+    print(table + f"{len(runs)} runs in {len(groups)} groups; wrote {', '.join(outputs) or 'nothing'} in {args.out}/")

@@ -105,8 +105,8 @@ class Args:
     eval_prompts: int = 0
     """evaluate on the first this many prompts, one image each from fixed noise; 0 for all"""
     save_every: int = 10
-    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates (by default an epoch), so
-    that a crash loses at most these; 0 for never"""
+    """write a resumable checkpoint to runs/{run_name}/checkpoint every this many updates (10: an epoch of the
+    default --batches_per_epoch), so that a crash loses at most these; 0 for never"""
     resume_from: Optional[str] = None
     """a checkpoint folder to continue from, with the settings it was trained with, in its run's folder"""
 
@@ -479,7 +479,7 @@ if __name__ == "__main__":
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
         with open(f"{run_dir}/metrics.jsonl", "w") as f:
             f.writelines(kept)
-        metrics = json.loads(kept[-1])  # the summary, if the loop has nothing left to do
+        metrics = json.loads(kept[-1]) if kept else {}  # the summary, if the loop has nothing left to do
 
     def log(metrics, rows=None):
         if not master:

@@ -607,7 +607,7 @@ if __name__ == "__main__":
             table = {"eval/samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])} if rows else {}
             wandb.log({**metrics, **table}, step=metrics["update"])
 
-    metrics = json.loads(kept[-1]) if checkpoint_dir and master else {}  # the summary, if nothing is left to train
+    metrics = json.loads(kept[-1]) if checkpoint_dir and master and kept else {}  # the summary, if nothing is left
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
         eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, tokenizer, eval_data, args,
                                       device, autocast)

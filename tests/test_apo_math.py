@@ -36,8 +36,8 @@ def test_tiny_run_learns_resumes_and_runs_under_torchrun(workdir):
     saved = torch.load(state, weights_only=True)["v_star"]  # what the resumed run read: its metrics match
     estimated = saved[saved.isfinite()]  # for the 3 x 32 prompts that the run trains on, NaN for the others
     assert saved.shape == (1024,) and len(estimated) == 96 and ((0 <= estimated) & (estimated <= 1)).all()
-    # from 2 samples of pi_0 each (--num_value_samples): V* = beta_1 ln mean exp(r / beta_1) of two rewards in {-1, 0, 1}
-    pairs = torch.tensor([[a, b] for a in [-1.0, 0, 1] for b in [-1.0, 0, 1]])
+    # from 2 samples of pi_0 each (--num_value_samples): V* = beta_1 ln mean exp(r / beta_1) of two rewards in {0, 1}
+    pairs = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     assert torch.isclose(estimated[:, None], apo_math.optimal_values(pairs, 0.5)[None]).any(1).all()
     # full-parameter under torchrun: pi_0 sharded with FSDP2, V* sampled from it with as many generate calls per rank
     run_script("apo_math.py", workdir, "--exp_name", "apo_fsdp", "--total_episodes", "64", "--eval_samples", "16",

@@ -200,10 +200,18 @@ SHARED_ASSETS = {"test_judge_tldr": "judge", "test_rebel_spo_tldr": "judge", "te
                  "test_grpo_math": "math", "test_apo_math": "math"}
 
 
+# the groups that take longest, first: pytest-xdist hands the groups out in the order of the items (pytest.ini's
+# --no-loadscope-reorder), so none of them starts when the other worker is nearly done
+LONGEST_FIRST = ["test_rebel_tldr", "math", "judge", "test_rebel_chat", "test_iterative_dpo_tldr", "test_ppo_tldr"]
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the marks
 def pytest_collection_modifyitems(items):
+    group = {item: SHARED_ASSETS.get(item.module.__name__, item.module.__name__) for item in items}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group(SHARED_ASSETS.get(item.module.__name__, item.module.__name__)))
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(group[item], len(rank)))
 
 
 def save_killed_at(save, module, kill_at, monkeypatch):

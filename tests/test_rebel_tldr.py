@@ -54,6 +54,27 @@ def test_logprobs_equal_the_full_logits_computation():
                                - cold.logsumexp(-1), atol=1e-4, rtol=1e-6)
 
 
+def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
+    """--gradient_checkpointing (enable_gradient_checkpointing): each decoder layer runs again in the backward pass,
+    although the policy is in eval mode (dropout off), and the gradients are those without it."""
+    model = tiny_policy()
+    ids = torch.randint(2, 300, (2, 12))
+    calls, forward = [], model.gpt_neox.layers[0].mlp.forward
+    model.gpt_neox.layers[0].mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    grads = []
+    for checkpointing in [False, True]:
+        if checkpointing:
+            rebel_tldr.enable_gradient_checkpointing(model)
+        calls.clear()
+        rebel_tldr.response_logprobs(model, ids, torch.ones_like(ids), 5, (0.7,))[0].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        assert len(calls) == (2 if checkpointing else 1)
+    assert not model.gpt_neox.layers[0].attention.training
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_left_padding_changes_neither_logprobs_nor_scores():
     """Positions count real tokens only (as generate() and the released code do): with learned absolute position
     embeddings (GPT-2), a left-padded prompt gets the same log-probs and RM score as alone."""

@@ -130,11 +130,6 @@ class Args:
     pad_token_id: tyro.conf.Suppress[int] = 0
     """filler after the EOS and left of the prompt, always masked: the tokenizer's pad, else EOS"""
 
-    def __post_init__(self):  # a leading ~ is the home folder, also in --flag=~/x, which no shell expands
-        for name, value in vars(self).items():
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
-
 
 # --tiny: a task small enough for a CPU, with a signal strong enough to see learning in ~20 updates
 TINY = dict(model="runs/tiny/math_policy", dataset="runs/tiny/gsm8k", dataset_config=None, query_length=192,
@@ -654,7 +649,7 @@ if __name__ == "__main__":
     v_star = state["v_star"].to(device) if checkpoint_dir else estimate_optimal_values(
         ref_policy, ref_context, tokenizer, train_data, prompts, args, device, autocast, rank)
 
-    metrics = json.loads(kept[-1]) if checkpoint_dir and master and kept else {}  # the summary, if nothing is left
+    metrics = json.loads(kept[-1]) if checkpoint_dir and master else {}  # the summary, if nothing is left to train
     if start_update == 0:  # the SFT policy's evaluation, the "before" of the run
         eval_metrics, rows = evaluate(raw_policy, ref_policy, ref_context, tokenizer, eval_data, args,
                                       device, autocast)

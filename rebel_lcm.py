@@ -116,11 +116,6 @@ class Args:
     num_updates: tyro.conf.Suppress[int] = 0
     """iterations t of Algorithm 1"""
 
-    def __post_init__(self):  # a leading ~ is the home folder, also in --flag=~/x, which no shell expands
-        for name, value in vars(self).items():
-            if isinstance(value, str) and value.startswith("~"):
-                setattr(self, name, os.path.expanduser(value))
-
 
 # --tiny: 32 px images, 4 steps, a learning rate that moves a tiny UNet in 30 updates
 TINY = dict(model="runs/tiny_lcm/lcm", clip_model="runs/tiny_lcm/clip", aesthetic_head_path="runs/tiny_lcm/head.pth",
@@ -479,7 +474,7 @@ if __name__ == "__main__":
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
         with open(f"{run_dir}/metrics.jsonl", "w") as f:
             f.writelines(kept)
-        metrics = json.loads(kept[-1]) if kept else {}  # the summary, if the loop has nothing left to do
+        metrics = json.loads(kept[-1])  # the summary, if the loop has nothing left to do
 
     def log(metrics, rows=None):
         if not master:

@@ -162,6 +162,26 @@ def assert_resume_reproduces(script, workdir, name, *flags, task="tldr", fresh=F
     return straight, resumed, os.path.dirname(checkpoint)
 
 
+def assert_recomputed_with_the_same_gradients(model, enable, mlp, loss):
+    """After `enable(model)` (--gradient_checkpointing), a decoder layer's `mlp` runs again in the backward pass of
+    `loss(model)`, although the model is in eval mode (dropout off), and the gradients are those without it."""
+    import torch
+    calls, forward = [], mlp.forward
+    mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    grads = []
+    for checkpointing in [False, True]:
+        if checkpointing:
+            enable(model)
+        calls.clear()
+        loss(model).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        model.zero_grad()
+        assert len(calls) == (2 if checkpointing else 1)
+    assert not mlp.training
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 def assert_tiny_run_learns(script, workdir, name, keys, min_gain):
     """`SCRIPT --tiny` on the TL;DR tiny models: one metrics line per update with `keys`, the held-out RM score (Gamma
     without EOS) up by more than `min_gain`, the KL to pi_0 0 before and positive after, finite gradients, and a saved

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 
 import rebel_chat
 import tiny
-from conftest import (assert_tokenization_is_cached, checkpoint_update, read_metrics, run_script, save_with_custom_code,
-                      tensor_layout)
+from conftest import (assert_recomputed_with_the_same_gradients, assert_tokenization_is_cached, checkpoint_update,
+                      read_metrics, run_script, save_with_custom_code, tensor_layout)
 
 
 @pytest.fixture(autouse=True)
@@ -91,26 +91,11 @@ def test_response_logprobs_equal_those_of_the_whole_logits():
 
 
 def test_gradient_checkpointing_recomputes_layers_in_eval_mode():
-    """--gradient_checkpointing: each decoder layer runs again in the backward pass although the policy is in eval
-    mode (dropout off), and the gradients are those without it."""
     policy = tiny_llama()
     ids, mask, context_length, response_mask = rebel_chat.pack(**BATCH)
-    calls = []
-    forward = policy.model.layers[0].mlp.forward
-    policy.model.layers[0].mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
-    grads = []
-    for checkpointing in [False, True]:
-        if checkpointing:
-            rebel_chat.enable_gradient_checkpointing(policy)
-        calls.clear()
-        logprobs, _ = rebel_chat.response_logprobs(policy, ids, mask, context_length, 0.7)
-        (logprobs * response_mask).sum().backward()
-        grads.append([p.grad.clone() for p in policy.parameters()])
-        policy.zero_grad()
-        assert len(calls) == (2 if checkpointing else 1)
-    assert not policy.model.layers[0].self_attn.training
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b)
+    assert_recomputed_with_the_same_gradients(
+        policy, rebel_chat.enable_gradient_checkpointing, policy.model.layers[0].mlp,
+        lambda m: (rebel_chat.response_logprobs(m, ids, mask, context_length, 0.7)[0] * response_mask).sum())
 
 
 def test_shared_bottom_reference_equals_a_full_frozen_copy():

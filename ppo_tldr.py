@@ -780,5 +780,5 @@ if __name__ == "__main__":
         dist.destroy_process_group()
         # torch itself keeps the process group referenced (FSDP2's device mesh), so that interpreter exit would destroy
         # it, and there gloo can abort a finished run (SIGABRT): leave without interpreter exit's clean-up
-        sys.stdout.flush()
+        sys.stdout.flush()  # torchrun's workers write unbuffered (python -u); other launchers' may not
         os._exit(0)

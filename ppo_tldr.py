@@ -778,7 +778,7 @@ if __name__ == "__main__":
     if distributed:  # no rank leaves before rank 0 has saved: torchrun stops all ranks when one exits with an error
         dist.barrier()
         dist.destroy_process_group()
-        # torch itself keeps the process group referenced (FSDP2's device mesh), so that interpreter exit would destroy
-        # it, and there gloo can abort a finished run (SIGABRT): leave without interpreter exit's clean-up
-        sys.stdout.flush()  # torchrun's workers write unbuffered (python -u); other launchers' may not
+        # torch still references the process group (DDP, FSDP2's device mesh), so interpreter exit would destroy it,
+        # and there gloo can abort a finished run (SIGABRT): leave without that clean-up
+        sys.stdout.flush()
         os._exit(0)

@@ -99,7 +99,7 @@ class Args:
     rollout_batch_size: int = 16
     """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 1e-6
-    """AdamW learning rate (A*-PO's 1e-6), decayed linearly to 0 over the run"""
+    """AdamW learning rate (A*-PO's 1e-6), decayed linearly: lr (1 - (t - 1) / num_updates) at update t"""
     adam_eps: float = 1e-8
     """AdamW epsilon (torch's default, as in A*-PO's runs: beta_2 scales apo_math's gradients by 1e-3)"""
     lora_rank: int = 0
@@ -159,22 +159,26 @@ def last_boxed(text):
 
 
 def normalize(answer):
-    """An answer in a canonical form: spaces, \\$, $, \\left, \\right and a final period dropped, \\dfrac and \\tfrac
-    read as \\frac; a number, written with thousands separators or not, as its exact value ("1,234.50" and "1234.5"
-    alike), and so a \\frac of two integers ("\\frac{1}{2}", "\\frac12" and "0.5" alike)."""
-    answer = answer.replace("\u2212", "-")  # the unicode minus sign
-    for text in [" ", "\\$", "$", "\\left", "\\right", "\\!"]:
+    """An answer in a canonical form, after lm-eval's MATH `strip_string` (A*-PO's verifier): a "\\text{ unit}" and a
+    short "x =" prefix cut, spaces, \\$, $, \\left, \\right, \\!, \\%, degrees and a final period dropped, \\dfrac and
+    \\tfrac read as \\frac, \\frac12 as \\frac{1}{2} and \\sqrt2 as \\sqrt{2}; a number, with thousands separators or
+    not, as its exact value ("1,234.50" and "1234.5" alike), and so a \\frac of two integers ("\\frac12" and "0.5")."""
+    answer = answer.replace("\u2212", "-").split("\\text{ ")[0]  # the unicode minus sign
+    if len(sides := answer.split("=")) == 2 and len(sides[0]) <= 2:
+        answer = sides[1]
+    for text in [" ", "\\$", "$", "\\left", "\\right", "\\!", "\\%", "^{\\circ}", "^\\circ"]:
         answer = answer.replace(text, "")
     answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+    answer = re.sub(r"\\(sqrt|frac)(\w)", r"\\\1{\2}", answer)  # an unbraced argument is one character
+    answer = re.sub(r"(\\frac\{[^{}]*\})(\w)", r"\1{\2}", answer)
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?", answer):
         answer = answer.replace(",", "")
-    if fraction := re.fullmatch(r"([-+]?)\\frac(?:\{(-?\d+)\}|(\d))(?:\{(\d+)\}|(\d))", answer):  # one digit unbraced
-        sign, *parts = fraction.groups()
-        answer = sign + "/".join(part for part in parts if part is not None)
-    try:
-        return str(Fraction(answer))
-    except (ValueError, ZeroDivisionError):
-        return answer
+    if fraction := re.fullmatch(r"([-+]?)\\frac\{(-?\d+)\}\{(\d+)\}", answer):
+        answer = "{}{}/{}".format(*fraction.groups())
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(/\d+)?", answer):  # digits alone: Fraction("1e9999999") takes minutes
+        with contextlib.suppress(ValueError, ZeroDivisionError):  # 1/0, or more digits than Python converts
+            return str(Fraction(answer))
+    return answer
 
 
 def verify(response, answer):
@@ -196,7 +200,7 @@ def pad(sequences, pad_id, device, left=True):
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
     until all are done (synced_gpus): the all-gathers need as many forward passes on every rank. Sampled from pi at
-    `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's generation_config."""
+    `temperature`; top-k, top-p and repetition penalty are neutral, whatever the checkpoint's generation_config says."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -707,7 +711,7 @@ if __name__ == "__main__":
                         at = epoch, minibatch, micro
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
                             stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

@@ -89,7 +89,7 @@ class Args:
     rollout_batch_size: int = 16
     """prompts per generate call on one device (evaluation)"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0 over the run"""
+    """AdamW learning rate, decayed linearly: lr (1 - (t - 1) / num_updates) at update t"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     lora_rank: int = 1024
@@ -143,7 +143,7 @@ def pad(sequences, pad_id, device, left=True):
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
     until all are done (synced_gpus): the all-gathers need as many forward passes on every rank. Sampled from pi at
-    `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's generation_config."""
+    `temperature`; top-k, top-p and repetition penalty are neutral, whatever the checkpoint's generation_config says."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,

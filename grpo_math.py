@@ -97,7 +97,7 @@ class Args:
     rollout_batch_size: int = 16
     """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 1e-6
-    """AdamW learning rate (A*-PO's 1e-6), decayed linearly to 0 over the run"""
+    """AdamW learning rate (A*-PO's 1e-6), decayed linearly: lr (1 - (t - 1) / num_updates) at update t"""
     adam_eps: float = 1e-8
     """AdamW epsilon (torch's default, as in A*-PO's runs: beta_2 scales apo_math's gradients by 1e-3)"""
     lora_rank: int = 0
@@ -157,22 +157,26 @@ def last_boxed(text):
 
 
 def normalize(answer):
-    """An answer in a canonical form: spaces, \\$, $, \\left, \\right and a final period dropped, \\dfrac and \\tfrac
-    read as \\frac; a number, written with thousands separators or not, as its exact value ("1,234.50" and "1234.5"
-    alike), and so a \\frac of two integers ("\\frac{1}{2}", "\\frac12" and "0.5" alike)."""
-    answer = answer.replace("\u2212", "-")  # the unicode minus sign
-    for text in [" ", "\\$", "$", "\\left", "\\right", "\\!"]:
+    """An answer in a canonical form, after lm-eval's MATH `strip_string` (A*-PO's verifier): a "\\text{ unit}" and a
+    short "x =" prefix cut, spaces, \\$, $, \\left, \\right, \\!, \\%, degrees and a final period dropped, \\dfrac and
+    \\tfrac read as \\frac, \\frac12 as \\frac{1}{2} and \\sqrt2 as \\sqrt{2}; a number, with thousands separators or
+    not, as its exact value ("1,234.50" and "1234.5" alike), and so a \\frac of two integers ("\\frac12" and "0.5")."""
+    answer = answer.replace("\u2212", "-").split("\\text{ ")[0]  # the unicode minus sign
+    if len(sides := answer.split("=")) == 2 and len(sides[0]) <= 2:
+        answer = sides[1]
+    for text in [" ", "\\$", "$", "\\left", "\\right", "\\!", "\\%", "^{\\circ}", "^\\circ"]:
         answer = answer.replace(text, "")
     answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").rstrip(".")
+    answer = re.sub(r"\\(sqrt|frac)(\w)", r"\\\1{\2}", answer)  # an unbraced argument is one character
+    answer = re.sub(r"(\\frac\{[^{}]*\})(\w)", r"\1{\2}", answer)
     if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d*)?", answer):
         answer = answer.replace(",", "")
-    if fraction := re.fullmatch(r"([-+]?)\\frac(?:\{(-?\d+)\}|(\d))(?:\{(\d+)\}|(\d))", answer):  # one digit unbraced
-        sign, *parts = fraction.groups()
-        answer = sign + "/".join(part for part in parts if part is not None)
-    try:
-        return str(Fraction(answer))
-    except (ValueError, ZeroDivisionError):
-        return answer
+    if fraction := re.fullmatch(r"([-+]?)\\frac\{(-?\d+)\}\{(\d+)\}", answer):
+        answer = "{}{}/{}".format(*fraction.groups())
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(/\d+)?", answer):  # digits alone: Fraction("1e9999999") takes minutes
+        with contextlib.suppress(ValueError, ZeroDivisionError):  # 1/0, or more digits than Python converts
+            return str(Fraction(answer))
+    return answer
 
 
 def verify(response, answer):
@@ -194,7 +198,7 @@ def pad(sequences, pad_id, device, left=True):
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
     until all are done (synced_gpus): the all-gathers need as many forward passes on every rank. Sampled from pi at
-    `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's generation_config."""
+    `temperature`; top-k, top-p and repetition penalty are neutral, whatever the checkpoint's generation_config says."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -276,12 +280,14 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, response_mask, c
     """DeepSeekMath's Eq. (3), negated, for responses o_i (rows of token log-probs, 0 after the EOS), advantage A_i:
       -(1/|o_i|) sum_t [ min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i) - beta D_t ],  rho_t = pi_theta / pi_old
       D_t = pi_0 / pi_theta - ln(pi_0 / pi_theta) - 1      (Eq. (4): the k3 estimator of the KL, never negative)
-    averaged over the responses; with the share of clipped tokens and the mean D_t."""
+    averaged over the responses; with the share of tokens where the clip is active (no gradient: ppo_tldr.py's
+    clipfrac) and the mean D_t."""
     ratio, advantages = (logprobs - old_logprobs).exp(), advantages[:, None]
-    surrogate = torch.min(ratio * advantages, ratio.clamp(1 - clip_range, 1 + clip_range) * advantages)
+    clipped_surrogate = ratio.clamp(1 - clip_range, 1 + clip_range) * advantages
+    surrogate = torch.min(ratio * advantages, clipped_surrogate)
     kl = (ref_logprobs - logprobs).exp() - (ref_logprobs - logprobs) - 1
     per_response = lambda x: (x * response_mask).sum(1) / response_mask.sum(1)  # noqa: E731
-    clipped = ((ratio - 1).abs() > clip_range).float()
+    clipped = (clipped_surrogate < ratio * advantages).float()
     return -per_response(surrogate - kl_coef * kl).mean(), per_response(clipped).mean(), per_response(kl).mean()
 
 
@@ -682,7 +688,7 @@ if __name__ == "__main__":
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).sum(1).pow(2).mean()
                         stats["clipfrac"][at], stats["kl"][at] = clipfrac, kl_estimate
-                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
                             stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

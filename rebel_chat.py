@@ -186,8 +186,8 @@ def first_eos(responses, eos_ids):
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, each ending at its first end-of-turn token. Under FSDP2
     every rank steps until all are done (synced_gpus): the all-gathers need as many forward passes on every rank.
-    Sampled from pi at `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's
-    generation_config."""
+    Sampled from pi at `temperature`; top-k, top-p and repetition penalty are neutral, whatever the checkpoint's
+    generation_config says."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.max_new_tokens,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -831,7 +831,7 @@ if __name__ == "__main__":
                         at = epoch, minibatch, micro
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
                             stats["entropy"][at] = (entropy * response_mask).sum() / response_mask.sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

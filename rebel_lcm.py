@@ -132,6 +132,8 @@ def rlcm_timesteps(scheduler, num_steps):
     """The released code's timesteps (diffusers 0.23): of the S timesteps k - 1, ..., S k - 1 (k = 1000 // S) the LCM
     was distilled on, every (S // num_steps)-th from the last: 999, 879, ..., 159 for 8 steps (diffusers': 139)."""
     original_steps = scheduler.config.original_inference_steps
+    if num_steps > original_steps:
+        raise ValueError(f"--num_steps {num_steps}: more than the {original_steps} timesteps the LCM was distilled on")
     k = scheduler.config.num_train_timesteps // original_steps
     return [original_steps * k - 1 - i * k * (original_steps // num_steps) for i in range(num_steps)]
 
@@ -270,7 +272,7 @@ def check_args(args):
         if (file or name.endswith("model")) and isinstance(value, str) and not os.path.exists(value) and (
                 file or value.startswith((".", "/", "~")) or value.count("/") > 1):
             raise FileNotFoundError(f"--{name} {value}: no such local file or folder")
-    if args.num_steps < 2:  # the last step is not trained (as in the released code): one step leaves nothing
+    if args.num_steps < 2:  # the last step is not trained: one step leaves nothing
         raise ValueError(f"--num_steps {args.num_steps}: the last sampling step is not trained, so at least 2")
 
 

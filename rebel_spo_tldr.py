@@ -95,7 +95,7 @@ class Args:
     rollout_batch_size: int = 16
     """prompts per generate call on one device; all responses to a prompt come from one call"""
     lr: float = 3e-6
-    """AdamW learning rate, decayed linearly to 0 over the run"""
+    """AdamW learning rate, decayed linearly: lr (1 - (t - 1) / num_updates) at update t"""
     adam_eps: float = 1e-5
     """AdamW epsilon"""
     lora_rank: int = 1024
@@ -146,7 +146,7 @@ def pad(sequences, pad_id, device, left=True):
 def generate(model, queries, query_mask, num_samples, args, temperature):
     """`num_samples` responses per prompt in one batched call, padded after each first EOS. Under FSDP2 every rank steps
     until all are done (synced_gpus): the all-gathers need as many forward passes on every rank. Sampled from pi at
-    `temperature` alone: top-k, top-p and repetition penalty neutral, whatever the checkpoint's generation_config."""
+    `temperature`; top-k, top-p and repetition penalty are neutral, whatever the checkpoint's generation_config says."""
     queries, query_mask = queries.repeat_interleave(num_samples, 0), query_mask.repeat_interleave(num_samples, 0)
     query_responses = model.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=args.response_length,
                                      do_sample=True, temperature=temperature, top_k=0, top_p=1.0, repetition_penalty=1.0,
@@ -745,7 +745,7 @@ if __name__ == "__main__":
                         at = epoch, minibatch, micro
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        if epoch == 0:  # the entropy of pi_t, a metric: once per update, not in every epoch
+                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
                             stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

@@ -28,7 +28,7 @@ def test_grpo_loss_by_hand():
     loss, clipfrac, kl = grpo_math.grpo_loss(new, old, new, advantages, mask, 0.2, 0.04)
     # A = +1: min(1.5, 1.2), min(0.5, 0.8); A = -1: min(-1.5, -1.2), min(-0.5, -0.8); the mean over tokens, then rows
     assert loss.item() == pytest.approx(-((1.2 + 0.5) / 2 + (-1.5 - 0.8) / 2) / 2)
-    assert clipfrac.item() == 1.0 and kl.item() == 0.0
+    assert clipfrac.item() == 0.5 and kl.item() == 0.0  # the clip is active at 1.5 for A = +1 and at 0.5 for A = -1
     ref = new + torch.tensor([[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]])
     loss_with_kl, _, kl = grpo_math.grpo_loss(new, old, ref, advantages, mask, 0.2, 0.04)
     k3 = 2 - math.log(2) - 1  # pi_0/pi_theta - ln(pi_0/pi_theta) - 1

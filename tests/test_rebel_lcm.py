@@ -64,6 +64,8 @@ def test_rlcm_timesteps_are_the_released_codes():
     assert rebel_lcm.rlcm_timesteps(scheduler, 8) == [999, 879, 759, 639, 519, 399, 279, 159]
     scheduler.set_timesteps(8)
     assert scheduler.timesteps.tolist() == [999, 879, 759, 639, 499, 379, 259, 139]
+    with pytest.raises(ValueError, match="--num_steps 51: more than the 50 timesteps the LCM was distilled on"):
+        rebel_lcm.rlcm_timesteps(scheduler, 51)
 
 
 @pytest.mark.parametrize("timesteps", ["rlcm", "diffusers"])

@@ -29,6 +29,14 @@ from conftest import assert_resume_reproduces, assert_tiny_math_run_learns, read
     ("\\boxed{12345678901}", "12345678902", 0.0),  # numbers compared exactly
     ("\\boxed{\\frac{-1}{2}}", "-0.5", 1.0),
     ("\\boxed{\\frac123}", "4", 0.0),  # LaTeX's \frac{1}{2}3, not 12/3
+    ("\\boxed{3\\frac12}", "3\\frac{1}{2}", 1.0),  # unbraced arguments, as lm-eval's strip_string reads them
+    ("\\boxed{3\\sqrt2}", "3\\sqrt{2}", 1.0),
+    ("\\boxed{25\\%}", "25", 1.0),  # what strip_string drops: percent, degrees, a unit, a short "x =" prefix
+    ("\\boxed{90^\\circ}", "90", 1.0),
+    ("\\boxed{10\\text{ dollars}}", "10", 1.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{1e3}", "1000", 0.0),  # digits alone are numbers, no exponent: Fraction("1e9999999") takes minutes
+    ("\\boxed{1/0}", "1", 0.0),
     ("\\boxed{3}, no: \\boxed{4}", "4", 1.0),  # several boxed answers: the last counts
     ("\\boxed{3}, no: \\boxed{4}", "3", 0.0),
     ("the answer is 7", "7", 0.0),  # none at all

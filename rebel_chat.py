@@ -105,7 +105,8 @@ class Args:
     lr: float = 1e-7
     """AdamW learning rate"""
     lr_schedule: Literal["linear", "cosine"] = "linear"
-    """linear: decay to 0 over the run (Section 5.2); cosine: after a warmup, restarted per iteration (Section 5.2.1)"""
+    """linear: decay to 0 over the run (Section 5.2); cosine: after a warmup, restarted per iteration with AdamW's
+    state, each iteration a fresh regression as in the released pipeline's separate runs (Section 5.2.1)"""
     warmup_ratio: float = 0.0
     """share of each iteration's optimizer steps spent warming up (cosine only; 0.1 in Section 5.2.1)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -745,6 +746,8 @@ if __name__ == "__main__":
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="iterations")
     for update in progress:
         eta = args.eta[update - 1] if len(args.eta) > 1 else args.eta[0]
+        if args.lr_schedule == "cosine":  # a fresh regression problem: no moments carried over from the last one
+            optimizer.state.clear()
         episode = update * args.batch_size
         # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
         start = (update - 1) * args.batch_size % usable

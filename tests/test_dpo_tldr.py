@@ -97,7 +97,7 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(workdir):
-    """Also evaluation samples at --eval_temperature."""
+    """Also runs with --eval_temperature 0.7."""
     run(workdir, "--exp_name", "dpo_torchrun", "--total_episodes", "64", "--eval_pairs", "4", "--eval_samples", "16",
         "--eval_temperature", "0.7", torchrun=True)
     run_dir, metrics = metrics_of(workdir, "dpo_torchrun")

@@ -62,7 +62,7 @@ def test_resume_gives_the_same_metrics(workdir):
 
 @pytest.mark.slow
 def test_torchrun_two_processes(workdir):
-    """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
+    """Also runs with two minibatches per epoch and --eval_temperature 0.7."""
     run(workdir, "--exp_name", "idpo_torchrun", "--total_episodes", "64", "--eval_samples", "16",
         "--num_minibatches", "2", "--per_device_train_batch_size", "4", "--eval_temperature", "0.7", torchrun=True)
     run_dir, metrics = metrics_of(workdir, "idpo_torchrun")

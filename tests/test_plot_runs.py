@@ -48,6 +48,7 @@ def test_the_tradeoff_ellipses_are_two_standard_deviations_of_the_samples(tmp_pa
     run = write_run(tmp_path / "a", {}, [], {u: p.tolist() for u, p in evaluations.items()})
     ax = plot_runs.tradeoff({"rebel": [run]}).axes[0]
     assert np.allclose(np.array(ax.lines[0].get_data()).T, [evaluations[u].mean(0) for u in [0, 1, 2]])
+    assert len(ax.patches) == 3  # one ellipse per evaluation
     for patch, u in zip(ax.patches, [0, 1, 2]):
         # the covariance that an ellipse of 2 standard deviations stands for: rotation x (half-axes / 2)^2 x rotation^T
         angle = np.radians(patch.angle)

@@ -75,8 +75,9 @@ def test_tiny_run_learns_and_saves(workdir):
     # PPO's gain depends on the tiny SFT policy, which depends on the threads that trained it: 0.18-0.24 (seeds 1-3)
     # with the suite's 1-thread one, 0.085-0.23 with a 2-thread one; REBEL's is 0.21 with either
     _, metrics = assert_tiny_run_learns("ppo_tldr.py", workdir, "ppo_e2e", keys, 0.05)
-    # the value network learns to predict the returns
-    assert metrics[-1]["ppo/loss/value"] < metrics[1]["ppo/loss/value"]
+    # the value network learns to predict the returns (its loss fell from 1.4 to 0.1, first to last three, when measured)
+    value_losses = [m["ppo/loss/value"] for m in metrics[1:]]
+    assert sum(value_losses[-3:]) < 0.5 * sum(value_losses[:3]), value_losses
 
 
 @pytest.mark.slow
@@ -88,7 +89,7 @@ def test_resume_reproduces_the_uninterrupted_run(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [[], ["--lora_rank", "0", "--lr", "3e-4"]], ids=["ddp_lora", "fsdp2_full"])
 def test_torchrun_two_processes(workdir, mode):
-    """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
+    """Also runs with two minibatches per epoch and --eval_temperature 0.7."""
     exp_name = "ppo_torchrun_" + ("full" if mode else "lora")
     run(workdir, "--exp_name", exp_name, "--total_episodes", "64", "--eval_samples", "16", *mode,
         "--num_minibatches", "2", "--per_device_train_batch_size", "4", "--eval_temperature", "0.7", torchrun=True)

@@ -410,12 +410,18 @@ def test_resume_with_other_training_settings_is_refused(workdir, finished_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flag, message", [("--train_batch_size", "--train_batch_size must be positive, got 0"),
-                                           ("--eta", "--eta must be positive, got 0.0")])
-def test_a_zero_size_or_eta_fails_at_start_up_naming_the_flag(workdir, flag, message):
-    proc = run(workdir, "--exp_name", "zero", flag, "0", check=False)
-    assert proc.returncode != 0 and f"ValueError: {message}" in proc.stderr, proc.stderr[-3000:]
-    assert not glob.glob(f"{workdir}/runs/lcm__zero__*")  # no run folder is left behind
+@pytest.mark.parametrize("flags, message", [
+    (["--train_batch_size", "0"], "--train_batch_size must be positive, got 0"),
+    (["--eta", "0"], "--eta must be positive, got 0.0"),
+    (["--sample_batch_size", "3", "--train_batch_size", "2"],
+     "--sample_batch_size 3 must be a multiple of --train_batch_size 2"),
+    (["--prompts_file", "{workdir}/blank_prompts.txt"], "blank_prompts.txt: no prompt in it")])
+def test_bad_input_fails_at_start_up_naming_the_flag(workdir, flags, message):
+    with open(f"{workdir}/blank_prompts.txt", "w") as f:
+        f.write("\n  \n")
+    proc = run(workdir, "--exp_name", "bad", *[flag.format(workdir=workdir) for flag in flags], check=False)
+    assert proc.returncode != 0 and "ValueError: " in proc.stderr and message in proc.stderr, proc.stderr[-3000:]
+    assert not glob.glob(f"{workdir}/runs/lcm__bad__*")  # no run folder is left behind
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_reinforce_resumes_with_the_same_metrics_and_baseline(workdir):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_with_four_samples(workdir):
-    """Also two minibatches per epoch, and evaluation samples at --eval_temperature."""
+    """Also runs with two minibatches per epoch and --eval_temperature 0.7."""
     run(workdir, "--exp_name", "rloo_torchrun", "--k", "4", "--total_episodes", "64", "--eval_samples", "16",
         "--num_minibatches", "2", "--per_device_train_batch_size", "4", "--eval_temperature", "0.7", torchrun=True)
     run_dir, metrics = metrics_of(workdir, "rloo_torchrun")

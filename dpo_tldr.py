@@ -265,7 +265,10 @@ def load_reward_model(name, dtype, trust_remote_code, meta=False):
                 model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(
                     path, num_labels=1, trust_remote_code=trust_remote_code), **kwargs)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+                model, loading = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs,
+                                                                                     output_loading_info=True)
+                if loading["missing_keys"]:  # from_pretrained would draw them at random, with a warning only
+                    raise ValueError(f"--reward_model {name}: the checkpoint lacks {sorted(loading['missing_keys'])}")
             return ScalarRewardModel(model.base_model, model.score, 0.0)
         # summarize_from_feedback_details' layout (the paper's RMs): lm_backbone.* and scalar_head.*, config.bias
         backbone = AutoModel.from_config(AutoConfig.for_model(**config["base_config"]), dtype=dtype)

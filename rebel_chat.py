@@ -152,9 +152,9 @@ TINY = dict(sft_model="runs/tiny_chat/sft", reward_model="runs/tiny_chat/reward"
 
 def to_messages(prompt):
     """UltraFeedback's `prompt` is one user turn; Nectar's an Anthropic-HH transcript '\n\nHuman: ...\n\nAssistant:'."""
-    if "\n\nHuman:" not in prompt:
+    if not prompt.lstrip().startswith("Human:"):  # a prompt that quotes a transcript stays one turn
         return [{"role": "user", "content": prompt}]
-    parts = re.split(r"\n\n(Human|Assistant): ?", prompt)[1:]
+    parts = re.split(r"(?:^|\n\n)(Human|Assistant): ?", prompt.lstrip())[1:]
     messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
                 for who, text in zip(parts[::2], parts[1::2])]
     return messages[:-1] if messages[-1] == {"role": "assistant", "content": ""} else messages
@@ -349,8 +349,11 @@ def load_reward_model(name, dtype, trust_remote_code, meta=False):
             model = ArmoRewardModel._from_config(config, dtype=dtype) if armo else \
                 AutoModelForSequenceClassification.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     else:
-        model = ArmoRewardModel.from_pretrained(name, dtype=dtype) if armo else \
-            AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, loading = ArmoRewardModel.from_pretrained(name, dtype=dtype, output_loading_info=True) if armo else \
+            AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                               output_loading_info=True)
+        if loading["missing_keys"]:  # from_pretrained would draw them at random, with a warning only
+            raise ValueError(f"--reward_model {name}: the checkpoint lacks {sorted(loading['missing_keys'])}")
     return ChatRewardModel(model, tokenizer)
 
 
@@ -628,6 +631,9 @@ if __name__ == "__main__":
     tokenizer = AutoTokenizer.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--sft_model {args.sft_model}: its tokenizer has no EOS token, which ends every response")
+    layers = AutoConfig.from_pretrained(args.sft_model, trust_remote_code=args.trust_remote_code).num_hidden_layers
+    if args.num_layers_unfrozen > layers:
+        raise ValueError(f"--num_layers_unfrozen {args.num_layers_unfrozen}: --sft_model has {layers} decoder layers")
     args.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_data = load_prompts(args, tokenizer, args.train_split, rank)
     eval_data = load_prompts(args, tokenizer, args.eval_split, rank)

@@ -64,6 +64,11 @@ def test_remote_code_needs_the_flag(tmp_path):
         loaded = rebel_chat.load_policy(str(tmp_path / "policy"), torch.float32, args, "cpu", 0)
         reward_model = rebel_chat.load_reward_model(str(tmp_path / "rm"), torch.float32, trust)
         assert [hasattr(m, "custom") for m in [loaded, reward_model.model]] == [trust] * 2
+    # a checkpoint without a trained score head (here the policy) is refused, not given a random head
+    policy.save_pretrained(tmp_path / "lm")
+    rm.tokenizer.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"--reward_model .*lm: the checkpoint lacks \['score.weight'\]"):
+        rebel_chat.load_reward_model(str(tmp_path / "lm"), torch.float32, False)
 
 
 # a left-padded batch of prompts and right-padded responses of different lengths
@@ -220,6 +225,9 @@ def test_nectar_transcripts_become_chat_messages():
     assert rebel_chat.to_messages("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a cat.\n\nAssistant:") == [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "Name a cat."}]
+    assert rebel_chat.to_messages("Human: Hi\n\nAssistant:") == [{"role": "user", "content": "Hi"}]  # no blank line first
+    quoting = "Fix this log:\n\nHuman: hi\n\nAssistant: hello"  # a prompt that quotes a transcript is one turn
+    assert rebel_chat.to_messages(quoting) == [{"role": "user", "content": quoting}]
 
 
 def test_response_without_end_of_turn_scores_gamma(monkeypatch):
@@ -439,10 +447,11 @@ def test_adamw_settings_and_a_resume_from_the_last_iteration(workdir):
 
 
 @pytest.mark.slow
-def test_batch_sizes_and_etas_that_do_not_fit_fail_at_start_up(workdir):
+def test_settings_that_do_not_fit_the_data_or_model_fail_at_start_up(workdir):
     """Each fails before any model loads ("Loading weights" is what from_pretrained prints) and leaves no run folder."""
     for flags, message in [(["--minibatch_size", "12"], "--batch_size 16 must be a multiple of --minibatch_size 12"),
-                           (["--eta", "1", "2"], "--eta takes one value or one per iteration (20), got 2")]:
+                           (["--eta", "1", "2"], "--eta takes one value or one per iteration (20), got 2"),
+                           (["--num_layers_unfrozen", "99"], "--num_layers_unfrozen 99: --sft_model has")]:
         proc = run(workdir, "--exp_name", "bad_input", *flags, check=False)
         assert proc.returncode != 0 and message in proc.stderr and "Loading weights" not in proc.stderr, flags
     assert not glob.glob(f"{workdir}/runs/chat__bad_input__*")

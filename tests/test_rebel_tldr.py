@@ -268,7 +268,7 @@ def test_resume_gives_the_same_metrics_and_refuses_changed_settings(workdir):
 
 def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_path):
     from safetensors.torch import save_file
-    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, GPTNeoXForSequenceClassification
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, num_labels=1, pad_token_id=0)
@@ -296,6 +296,10 @@ def test_backbone_plus_scalar_head_rm_scores_like_the_sequence_classifier(tmp_pa
                 empty = rebel_tldr.load_reward_model(str(tmp_path / path), dtype, False, meta=True)
                 assert tensor_layout(empty) == tensor_layout(loaded) and empty.bias == loaded.bias
                 assert all(v.is_meta for v in empty.state_dict().values())
+    # a checkpoint without a trained score head (a causal LM) is refused, not given a random head
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "causal_lm")
+    with pytest.raises(ValueError, match=r"--reward_model .*causal_lm: the checkpoint lacks \['score.weight'\]"):
+        rebel_tldr.load_reward_model(str(tmp_path / "causal_lm"), torch.float32, False)
 
 
 class DataArgs:

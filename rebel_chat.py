@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Literal, Optional
 
 import torch
@@ -506,9 +507,10 @@ def new_run_dir(name):
 
 
 # what a resumed run may change: settings that do not change what is trained, and sizes computed from compared flags
-RESUMABLE = {"exp_name", "track", "wandb_project", "wandb_entity", "tiny", "eval_split", "eval_every", "eval_samples",
-             "eval_temperature", "save_every", "resume_from", "gradient_checkpointing", "local_batch_size",
-             "num_minibatches", "gradient_accumulation_steps", "num_updates", "eos_token_ids"}
+# (not the evaluation's: it samples from the rollouts' random stream, so another schedule draws other rollouts)
+RESUMABLE = {"exp_name", "track", "wandb_project", "wandb_entity", "tiny", "save_every", "resume_from",
+             "gradient_checkpointing", "local_batch_size", "num_minibatches", "gradient_accumulation_steps",
+             "num_updates", "eos_token_ids"}
 
 
 def find_checkpoint(path, args):
@@ -521,8 +523,9 @@ def find_checkpoint(path, args):
     if found != path:
         print(f"--resume_from {path}: missing after a crash between two renames; resuming from {found}")
     saved = torch.load(f"{found}/state.pt", mmap=True, weights_only=True)["args"]
-    if changed := [f"{k} {saved.get(k)} -> {v}" for k, v in asdict(args).items()
-                   if k not in RESUMABLE and saved.get(k) != v]:
+    current = asdict(args)  # both sets of keys: another script's checkpoint has settings that this one lacks
+    if changed := [f"{k} {saved.get(k)} -> {current.get(k)}" for k in {**saved, **current}
+                   if k not in RESUMABLE and saved.get(k) != current.get(k)]:
         raise ValueError(f"--resume_from {found}: the checkpoint was trained with other settings; resuming with these "
                          f"would change what is trained: {', '.join(changed)}")
     return found
@@ -546,6 +549,9 @@ def save_checkpoint(path, policy, optimizer, shuffle_generator, update, args, ra
         save_file({k: v.contiguous() for k, v in model_state.items()}, f"{path}.tmp/model.safetensors")
         torch.save(dict(update=update, args=asdict(args), optimizer=optimizer_state, rng=rngs, **extra),
                    f"{path}.tmp/state.pt")
+        for file in os.listdir(f"{path}.tmp"):  # on disk before the renames, so that a power loss keeps one too
+            with open(f"{path}.tmp/{file}", "rb") as f:
+                os.fsync(f.fileno())
         if os.path.exists(path):
             shutil.rmtree(f"{path}.old", ignore_errors=True)
             os.rename(path, f"{path}.old")
@@ -609,7 +615,8 @@ if __name__ == "__main__":
     # distributed setup (as nanoGPT): one process per device under torchrun, rank 0 logs and saves
     distributed = "RANK" in os.environ
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # an hour, not NCCL's 10 minutes: the other ranks wait while rank 0 writes a full-parameter checkpoint alone
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=1))
     rank, args.world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     local_rank = int(os.environ["LOCAL_RANK"]) if distributed else 0
     master = rank == 0
@@ -724,8 +731,9 @@ if __name__ == "__main__":
     if checkpoint_dir and master:  # forget what the interrupted run logged after its checkpoint, and a torn last line
         with open(f"{run_dir}/metrics.jsonl") as f:
             kept = [line for line in f if line.endswith("\n") and json.loads(line)["update"] <= start_update]
-        with open(f"{run_dir}/metrics.jsonl", "w") as f:
+        with open(f"{run_dir}/metrics.jsonl.tmp", "w") as f:  # replaced whole: a crash here loses no line
             f.writelines(kept)
+        os.replace(f"{run_dir}/metrics.jsonl.tmp", f"{run_dir}/metrics.jsonl")
 
     def log(metrics, rows=None):
         if not master:

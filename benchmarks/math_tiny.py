@@ -4,10 +4,10 @@ per prompt, time per update (median over the updates after the first) and peak m
 is the real script in a subprocess; the table is printed from their metrics.jsonl.
 
     python benchmarks/math_tiny.py                      # 3 methods x 3 seeds, about 5 minutes on 2 CPU cores
-    python benchmarks/math_tiny.py --seeds 1 --extra "--model Qwen/Qwen2.5-1.5B ..."   # other settings, same table
+    python benchmarks/math_tiny.py --seeds 1 --extra="--model Qwen/Qwen2.5-1.5B ..."   # other settings, same table
 
 "wall s" is the whole run from start to exit: imports, loading, evaluations and, for A*-PO, its V* stage (8 samples of
-pi_0 for each of the 1,024 train prompts).
+pi_0 for each train prompt the run trains on: 640 in the tiny run).
 """
 import json
 import os

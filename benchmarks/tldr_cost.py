@@ -7,7 +7,7 @@ for a few updates and reading its metrics.jsonl. Prints a markdown table with ea
     python benchmarks/tldr_cost.py                      # tiny and 4 x 256 random models on CPU, a few minutes
     python benchmarks/tldr_cost.py --sizes tiny         # about a minute
     python benchmarks/tldr_cost.py --sft_model M --reward_model R --prompts 512 \\
-        --extra "--lora_rank 1024 --lora_alpha 2048 --response_length 53 --per_device_train_batch_size 8"
+        --extra="--lora_rank 1024 --lora_alpha 2048 --response_length 53 --per_device_train_batch_size 8"
 
 The prompts are the synthetic --tiny ones (tokenized by the given model's tokenizer); DPO trains on pairs of the
 synthetic preference data, as many pairs per update as the others have prompts. Time per update is the median over

@@ -104,9 +104,19 @@ def test_resume_with_other_training_settings_is_refused(tmp_path):
     args = rebel_tldr.Args(batch_size=32, lora_rank=8)
     tiny_checkpoint(tmp_path, 1, torch.nn.Linear(3, 2), args)
     path = str(tmp_path / "checkpoint")
-    assert rebel_tldr.find_checkpoint(path, dataclasses.replace(args, eval_every=1, save_every=3, track=True)) == path
+    assert rebel_tldr.find_checkpoint(path, dataclasses.replace(args, save_every=3, track=True)) == path
     with pytest.raises(ValueError, match="would change what is trained: batch_size 32 -> 16, lora_rank 8 -> 0$"):
         rebel_tldr.find_checkpoint(path, dataclasses.replace(args, batch_size=16, lora_rank=0))
+    # the evaluation draws from the rollouts' random stream: another schedule would sample other rollouts
+    with pytest.raises(ValueError, match="would change what is trained: eval_every 100 -> 1$"):
+        rebel_tldr.find_checkpoint(path, dataclasses.replace(args, eval_every=1))
+    # another script's checkpoint (here one with a flag that rebel_tldr.py lacks) is refused, not half-compared
+    @dataclasses.dataclass
+    class OtherArgs(rebel_tldr.Args):
+        preference_model: str = "a judge"
+    tiny_checkpoint(tmp_path / "other", 1, torch.nn.Linear(3, 2), OtherArgs(batch_size=32, lora_rank=8))
+    with pytest.raises(ValueError, match="would change what is trained: preference_model a judge -> None$"):
+        rebel_tldr.find_checkpoint(str(tmp_path / "other" / "checkpoint"), args)
     with pytest.raises(FileNotFoundError, match="--resume_from .*/elsewhere: no checkpoint there"):
         rebel_tldr.find_checkpoint(str(tmp_path / "elsewhere"), args)
 

@@ -443,7 +443,8 @@ if __name__ == "__main__":
         raise ValueError(f"--model {args.model}: the sampler here needs an epsilon-prediction LCMScheduler without "
                          f"clipping or thresholding; found {dict(scheduler.config)}")
     rlcm = rlcm_timesteps(scheduler, args.num_steps) if args.timesteps == "rlcm" else None
-    scheduler.set_timesteps(None if rlcm else args.num_steps, timesteps=rlcm)
+    scheduler.set_timesteps(None if rlcm else args.num_steps, timesteps=rlcm, device=device)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)  # read at every step: no copy to the GPU each time
     for module in [pipeline.unet, pipeline.vae, pipeline.text_encoder]:
         module.requires_grad_(False).eval()
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -452,7 +453,9 @@ if __name__ == "__main__":
     trainable = [p for p in unet.parameters() if p.requires_grad]  # the LoRA weights
     for p in trainable:  # in float32, the frozen weights in frozen_dtype
         p.data = p.data.float()
-    policy = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None) if distributed else unet
+    # DDP's gradients are views into its all-reduce buckets: no second copy of them
+    policy = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None,
+                 gradient_as_bucket_view=True) if distributed else unet
     scorer = load_aesthetic_scorer(args).to(device)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
     w_embedding = pipeline.get_guidance_scale_embedding(  # of w - 1 (diffusers' convention), the same for all images

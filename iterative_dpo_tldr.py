@@ -566,9 +566,8 @@ if __name__ == "__main__":
     # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
     # skipping that would keep whole unsharded fp32 gradients on every rank (about 28 GB per GPU at 6.9B)
     # (DDP's gradients are views into its all-reduce buckets: no second copy of them)
-    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None,
-                 gradient_as_bucket_view=True) if distributed and lora \
-        else raw_policy
+    ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    policy = DDP(raw_policy, **ddp) if distributed and lora else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps)
 

@@ -707,9 +707,8 @@ if __name__ == "__main__":
     # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
     # skipping that would keep whole unsharded fp32 gradients on every rank (about 30 GB per GPU at 8B)
     # (DDP's gradients are views into its all-reduce buckets: no second copy of them)
-    policy = DDP(raw_policy, device_ids=[local_rank] if device.type == "cuda" else None,
-                 gradient_as_bucket_view=True) if distributed and frozen \
-        else raw_policy
+    ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    policy = DDP(raw_policy, **ddp) if distributed and frozen else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps,
                                   weight_decay=args.weight_decay)

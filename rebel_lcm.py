@@ -454,8 +454,8 @@ if __name__ == "__main__":
     for p in trainable:  # in float32, the frozen weights in frozen_dtype
         p.data = p.data.float()
     # DDP's gradients are views into its all-reduce buckets: no second copy of them
-    policy = DDP(unet, device_ids=[local_rank] if device.type == "cuda" else None,
-                 gradient_as_bucket_view=True) if distributed else unet
+    ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    policy = DDP(unet, **ddp) if distributed else unet
     scorer = load_aesthetic_scorer(args).to(device)
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, eps=args.adam_eps, weight_decay=args.weight_decay)
     w_embedding = pipeline.get_guidance_scale_embedding(  # of w - 1 (diffusers' convention), the same for all images

@@ -706,7 +706,7 @@ if __name__ == "__main__":
     reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
     # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
     # skipping that would keep whole unsharded fp32 gradients on every rank (about 30 GB per GPU at 8B)
-    # (DDP's gradients are views into its all-reduce buckets: no second copy of them)
+    # and DDP's gradients are views into its all-reduce buckets, not a second copy of them
     ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     policy = DDP(raw_policy, **ddp) if distributed and frozen else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -761,8 +761,6 @@ if __name__ == "__main__":
     progress = tqdm(range(start_update + 1, args.num_updates + 1), disable=not master, desc="iterations")
     for update in progress:
         eta = args.eta[update - 1] if len(args.eta) > 1 else args.eta[0]
-        if args.lr_schedule == "cosine":  # a fresh regression problem: no moments carried over from the last one
-            optimizer.state.clear()
         episode = update * args.batch_size
         # this rank's prompts: a fixed shuffle of the train split per pass, so the data position is the update index
         start = (update - 1) * args.batch_size % usable
@@ -810,6 +808,8 @@ if __name__ == "__main__":
 
         # 3. Solve the regression of Eq. (1) by `num_epochs` passes of AdamW over shuffled minibatches of pairs
         update_start = time.time()
+        if args.lr_schedule == "cosine":  # each iteration a fresh regression: no AdamW moments from the last one
+            optimizer.state.clear()
         stats = {k: torch.zeros(args.num_epochs, args.num_minibatches, args.gradient_accumulation_steps, device=device)
                  for k in ["loss", "approxkl", "entropy"]}  # per micro-step, read by name when logging
         grad_norms = torch.zeros(args.num_epochs, args.num_minibatches, device=device)
@@ -849,7 +849,7 @@ if __name__ == "__main__":
                         at = epoch, minibatch, micro
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
+                        if epoch == 0:  # a metric, first epoch only: pi_t's entropy when --num_minibatches is 1
                             stats["entropy"][at] = (entropy * response_mask).sum() / response_mask.sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm

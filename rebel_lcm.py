@@ -453,7 +453,7 @@ if __name__ == "__main__":
     trainable = [p for p in unet.parameters() if p.requires_grad]  # the LoRA weights
     for p in trainable:  # in float32, the frozen weights in frozen_dtype
         p.data = p.data.float()
-    # DDP's gradients are views into its all-reduce buckets: no second copy of them
+    # DDP's gradients are views into its all-reduce buckets, not a second copy of them
     ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     policy = DDP(unet, **ddp) if distributed else unet
     scorer = load_aesthetic_scorer(args).to(device)

@@ -576,7 +576,7 @@ if __name__ == "__main__":
     reward_model = shard_from_rank0(reward_model, fsdp, device, rank) if fsdp else reward_model.to(device)
     # DDP reduces the gradients on the last micro-step only; FSDP2 reduce-scatters them on every micro-step, since
     # skipping that would keep whole unsharded fp32 gradients on every rank (about 28 GB per GPU at 6.9B)
-    # (DDP's gradients are views into its all-reduce buckets: no second copy of them)
+    # and DDP's gradients are views into its all-reduce buckets, not a second copy of them
     ddp = dict(device_ids=[local_rank] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     policy = DDP(raw_policy, **ddp) if distributed and lora else raw_policy
     trainable = [p for p in policy.parameters() if p.requires_grad]
@@ -681,7 +681,7 @@ if __name__ == "__main__":
                         at = epoch, minibatch, micro
                         stats["loss"][at] = loss
                         stats["approxkl"][at] = 0.5 * (new_logprobs - logprobs[seqs]).pow(2).mean()
-                        if epoch == 0:  # a metric, not recomputed every epoch: pi_t's entropy (with one minibatch)
+                        if epoch == 0:  # a metric, first epoch only: pi_t's entropy when --num_minibatches is 1
                             stats["entropy"][at] = (entropy * response_masks[seqs]).sum() / response_masks[seqs].sum()
                 grad_norm = nn.utils.clip_grad_norm_(trainable, float("inf"))  # measured, not clipped
                 grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
